@@ -1,0 +1,378 @@
+"""Typed configs: dataclasses filled from YAML with `base:` inheritance and `key=value` overrides.
+
+A config file is data only. It may name a `base:` file (relative to itself) whose values it
+overrides key by key; mappings merge recursively, everything else replaces. Unknown keys are
+errors that suggest the nearest valid key, so a typo never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import yaml
+
+from .errors import ConfigError
+
+# ---------------------------------------------------------------------------------------------
+# Model configs
+# ---------------------------------------------------------------------------------------------
+
+PREDICTION_TYPES = ("eps", "v", "x0")
+BETA_SCHEDULES = ("linear", "scaled_linear", "cosine")
+TEXT_ENCODER_KINDS = ("hf_clip", "open_clip")
+TEXT_LAYERS = ("last", "penultimate")
+
+
+@dataclass
+class UNetConfig:
+    """The Stable Diffusion U-Net (`openaimodel.UNetModel` layout), any size."""
+
+    in_channels: int = 4  # 9 for inpainting U-Nets (latents + masked-image latents + mask)
+    out_channels: int = 4
+    model_channels: int = 320
+    channel_mult: tuple[int, ...] = (1, 2, 4, 4)
+    num_res_blocks: int = 2
+    # Downsampling factors (1 = full latent resolution) whose levels carry a SpatialTransformer.
+    attention_resolutions: tuple[int, ...] = (4, 2, 1)
+    # Heads by count (SD 1.x: 8) or by head dim (SD 2.x: 64); set exactly one, the other None.
+    num_heads: int | None = 8
+    num_head_channels: int | None = None
+    transformer_depth: int = 1
+    context_dim: int = 768
+    use_linear_in_transformer: bool = False  # SD 2.x: linear proj_in/proj_out; SD 1.x: 1x1 conv
+    norm_groups: int = 32
+    dropout: float = 0.0
+    gradient_checkpointing: bool = False
+
+    def validate(self) -> None:
+        if (self.num_heads is None) == (self.num_head_channels is None):
+            raise ConfigError(
+                "unet: set exactly one of num_heads (heads by count, SD 1.x uses 8) and "
+                f"num_head_channels (heads by dim, SD 2.x uses 64); got num_heads={self.num_heads}, "
+                f"num_head_channels={self.num_head_channels}"
+            )
+        for mult in self.channel_mult:
+            ch = self.model_channels * mult
+            if ch % self.norm_groups:
+                raise ConfigError(
+                    f"unet: channels {ch} (model_channels {self.model_channels} x mult {mult}) must be "
+                    f"a multiple of norm_groups={self.norm_groups}"
+                )
+            if self.num_head_channels is not None and ch % self.num_head_channels:
+                raise ConfigError(
+                    f"unet: channels {ch} must be a multiple of num_head_channels={self.num_head_channels}"
+                )
+            if self.num_heads is not None and ch % self.num_heads:
+                raise ConfigError(f"unet: channels {ch} must be a multiple of num_heads={self.num_heads}")
+        levels = [2**i for i in range(len(self.channel_mult))]
+        bad = [r for r in self.attention_resolutions if r not in levels]
+        if bad:
+            raise ConfigError(
+                f"unet: attention_resolutions {bad} are not downsampling factors of this U-Net; "
+                f"valid factors for {len(self.channel_mult)} levels are {levels}"
+            )
+
+    @property
+    def downsample_factor(self) -> int:
+        """Total downsampling from the latent to the lowest U-Net level."""
+        return 2 ** (len(self.channel_mult) - 1)
+
+
+@dataclass
+class VAEConfig:
+    """The KL autoencoder (`AutoencoderKL` of the original code)."""
+
+    in_channels: int = 3
+    out_channels: int = 3
+    ch: int = 128
+    ch_mult: tuple[int, ...] = (1, 2, 4, 4)
+    num_res_blocks: int = 2
+    z_channels: int = 4
+    embed_dim: int = 4
+    attn_resolutions: tuple[int, ...] = ()  # extra attention levels besides the mid block (SD: none)
+    norm_groups: int = 32
+    dropout: float = 0.0
+    scaling_factor: float = 0.18215  # latents are multiplied by this before diffusion (1/std)
+
+    def validate(self) -> None:
+        for mult in (1, *self.ch_mult):
+            if (self.ch * mult) % self.norm_groups:
+                raise ConfigError(
+                    f"vae: channels {self.ch * mult} must be a multiple of norm_groups={self.norm_groups}"
+                )
+        if not self.scaling_factor > 0:
+            raise ConfigError(f"vae: scaling_factor must be > 0 (got {self.scaling_factor})")
+
+    @property
+    def downsample_factor(self) -> int:
+        """Pixels per latent along each side."""
+        return 2 ** (len(self.ch_mult) - 1)
+
+
+@dataclass
+class TextEncoderConfig:
+    """A CLIP text transformer: HF `CLIPTextModel` (SD 1.x) or an open_clip text tower (SD 2.x)."""
+
+    kind: str = "hf_clip"  # "hf_clip" | "open_clip"
+    width: int = 768
+    layers: int = 12
+    heads: int = 12
+    intermediate_size: int | None = None  # MLP hidden size; None means 4 * width
+    projection_dim: int = 768  # open_clip text_projection output (unused for conditioning)
+    activation: str = "quick_gelu"  # "quick_gelu" (OpenAI CLIP, SD 1.x) | "gelu" (OpenCLIP ViT-H, SD 2.x)
+    context_length: int = 77
+    vocab_size: int = 49408
+    layer: str = "last"  # which hidden states condition the U-Net: "last" | "penultimate"
+    trainable: bool = False
+
+    def validate(self) -> None:
+        if self.kind not in TEXT_ENCODER_KINDS:
+            raise ConfigError(f"text_encoder.kind must be one of {TEXT_ENCODER_KINDS} (got {self.kind!r})")
+        if self.layer not in TEXT_LAYERS:
+            raise ConfigError(f"text_encoder.layer must be one of {TEXT_LAYERS} (got {self.layer!r})")
+        if self.activation not in ("quick_gelu", "gelu"):
+            raise ConfigError(
+                f"text_encoder.activation must be 'quick_gelu' or 'gelu' (got {self.activation!r})"
+            )
+        if self.width % self.heads:
+            raise ConfigError(f"text_encoder: width {self.width} must be a multiple of heads {self.heads}")
+        if self.layer == "penultimate" and self.layers < 2:
+            raise ConfigError("text_encoder.layer='penultimate' needs at least 2 layers")
+
+    @property
+    def mlp_size(self) -> int:
+        return self.intermediate_size or 4 * self.width
+
+
+@dataclass
+class DiffusionConfig:
+    """Noise schedule and what the U-Net predicts."""
+
+    beta_schedule: str = "scaled_linear"
+    beta_start: float = 0.00085
+    beta_end: float = 0.012
+    num_timesteps: int = 1000
+    prediction_type: str = "eps"  # "eps" | "v" | "x0"
+    zero_terminal_snr: bool = False
+
+    def validate(self) -> None:
+        if self.beta_schedule not in BETA_SCHEDULES:
+            raise ConfigError(
+                f"diffusion.beta_schedule must be one of {BETA_SCHEDULES} (got {self.beta_schedule!r})"
+            )
+        if self.prediction_type not in PREDICTION_TYPES:
+            raise ConfigError(
+                f"diffusion.prediction_type must be one of {PREDICTION_TYPES} (got {self.prediction_type!r})"
+            )
+        if self.num_timesteps < 2:
+            raise ConfigError(f"diffusion.num_timesteps must be >= 2 (got {self.num_timesteps})")
+
+
+@dataclass
+class ModelConfig:
+    """Everything needed to rebuild a model: stored in every checkpoint's metadata."""
+
+    unet: UNetConfig = field(default_factory=UNetConfig)
+    vae: VAEConfig = field(default_factory=VAEConfig)
+    text_encoder: TextEncoderConfig = field(default_factory=TextEncoderConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+
+    def validate(self) -> None:
+        for part in (self.unet, self.vae, self.text_encoder, self.diffusion):
+            part.validate()
+        if self.unet.context_dim != self.text_encoder.width:
+            raise ConfigError(
+                f"unet.context_dim ({self.unet.context_dim}) must equal text_encoder.width "
+                f"({self.text_encoder.width}): the U-Net cross-attends to the text hidden states"
+            )
+        latent = self.vae.embed_dim
+        if self.unet.in_channels not in (latent, 2 * latent + 1):
+            raise ConfigError(
+                f"unet.in_channels ({self.unet.in_channels}) must be vae.embed_dim ({latent}) or, for an "
+                f"inpainting U-Net, 2 * embed_dim + 1 ({2 * latent + 1})"
+            )
+        if self.unet.out_channels != latent:
+            raise ConfigError(
+                f"unet.out_channels ({self.unet.out_channels}) must equal vae.embed_dim ({latent})"
+            )
+
+    @property
+    def latent_factor(self) -> int:
+        """Image sides must be multiples of this (the VAE's downsampling). The U-Net takes any latent
+        size: its upsamplers resize to the matching skip connection, so odd latent sides work."""
+        return self.vae.downsample_factor
+
+
+@dataclass
+class SampleConfig:
+    """Defaults for generation; every one can be overridden per call."""
+
+    steps: int = 30
+    cfg: float = 7.5
+    sampler: str = "dpmpp_2m_karras"
+    height: int = 512
+    width: int = 512
+    negative_prompt: str = ""
+
+
+@dataclass
+class Config:
+    """A whole config file."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+
+    def validate(self) -> None:
+        self.model.validate()
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading, merging, overriding
+# ---------------------------------------------------------------------------------------------
+
+
+def load_yaml(path: str | Path) -> dict:
+    """Read a YAML config, resolving `base:` chains (paths relative to the including file)."""
+    path = Path(path)
+    return _load_yaml(path, seen=())
+
+
+def _load_yaml(path: Path, seen: tuple[Path, ...]) -> dict:
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    resolved = path.resolve()
+    if resolved in seen:
+        chain = " -> ".join(str(p) for p in (*seen, resolved))
+        raise ConfigError(f"config `base:` chain loops: {chain}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path} is not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} must hold a mapping at the top level (got {type(data).__name__})")
+    base = data.pop("base", None)
+    if base is None:
+        return data
+    return merge(_load_yaml(path.parent / base, (*seen, resolved)), data)
+
+
+def merge(base: dict, override: dict) -> dict:
+    """Recursive dict merge: mappings merge, everything else in `override` replaces."""
+    out = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def apply_overrides(data: dict, overrides: Sequence[str]) -> dict:
+    """Apply command-line `a.b.c=value` overrides; values are parsed as YAML (`3`, `true`, `[1,2]`)."""
+    data = dict(data)
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r} must look like key=value, e.g. model.unet.model_channels=64")
+        value = yaml.safe_load(raw) if raw else ""
+        patch: Any = value
+        for part in reversed(key.strip().split(".")):
+            patch = {part: patch}
+        data = merge(data, patch)
+    return data
+
+
+def from_dict(cls: type, data: Any, where: str = "") -> Any:
+    """Build dataclass `cls` from plain data, checking every key and type."""
+    return _convert(cls, data, where or cls.__name__)
+
+
+def to_dict(obj: Any) -> Any:
+    """Dataclass -> plain data (tuples become lists) for YAML/JSON."""
+    if dataclasses.is_dataclass(obj):
+        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, (list, tuple)):
+        return [to_dict(v) for v in obj]
+    return obj
+
+
+def load_config(path_or_data: str | Path | dict, overrides: Sequence[str] = ()) -> Config:
+    """Load and validate a config from a YAML path (or an already-parsed dict)."""
+    data = load_yaml(path_or_data) if isinstance(path_or_data, (str, Path)) else dict(path_or_data)
+    data = apply_overrides(data, overrides)
+    cfg = from_dict(Config, data)
+    cfg.validate()
+    return cfg
+
+
+def model_config_to_json(cfg: ModelConfig) -> str:
+    return json.dumps(to_dict(cfg), sort_keys=True)
+
+
+def model_config_from_json(text: str) -> ModelConfig:
+    cfg = from_dict(ModelConfig, json.loads(text), "model")
+    cfg.validate()
+    return cfg
+
+
+def _convert(tp: Any, value: Any, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if value is None:
+            value = {}
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where} must be a mapping (got {value!r})")
+        hints = typing.get_type_hints(tp)
+        names = [f.name for f in dataclasses.fields(tp) if f.init]
+        unknown = [k for k in value if k not in names]
+        if unknown:
+            key = unknown[0]
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else f"; valid keys: {', '.join(names)}"
+            raise ConfigError(f"unknown key {where}.{key}{hint}")
+        kwargs = {k: _convert(hints[k], v, f"{where}.{k}") for k, v in value.items()}
+        return tp(**kwargs)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _convert(arg, value, where)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if errors else f"{where}: bad value {value!r}")
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where} must be a list (got {value!r})")
+        (item, *rest) = typing.get_args(tp)
+        return tuple(_convert(item, v, f"{where}[{i}]") for i, v in enumerate(value))
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where} must be true or false (got {value!r})")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where} must be an integer (got {value!r})")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where} must be a number (got {value!r})")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where} must be a string (got {value!r})")
+        return value
+    if tp is Any:
+        return value
+    raise TypeError(f"config type {tp} at {where} is not supported")
