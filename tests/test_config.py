@@ -1,0 +1,86 @@
+import json
+from pathlib import Path
+
+import pytest
+
+from ldm.config import Config, apply_overrides, from_dict, load_config, load_yaml, to_dict
+from ldm.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_every_shipped_config_loads_and_round_trips_through_json(path):
+    cfg = load_config(path)
+    again = from_dict(Config, json.loads(json.dumps(to_dict(cfg))))
+    assert again == cfg
+
+
+def test_base_inheritance_overrides_only_what_it_names():
+    v = load_config(ROOT / "configs/sd21-v.yaml")
+    eps = load_config(ROOT / "configs/sd21.yaml")
+    assert v.model.diffusion.prediction_type == "v" and eps.model.diffusion.prediction_type == "eps"
+    assert (v.sample.height, eps.sample.height) == (768, 512)
+    assert v.model.unet == eps.model.unet and v.model.text_encoder == eps.model.text_encoder
+
+
+def test_public_architectures():
+    sd15 = load_config(ROOT / "configs/sd15.yaml").model
+    sd21 = load_config(ROOT / "configs/sd21.yaml").model
+    assert (sd15.unet.num_heads, sd15.unet.context_dim, sd15.unet.use_linear_in_transformer) == (8, 768, False)
+    assert (sd21.unet.num_head_channels, sd21.unet.context_dim, sd21.unet.use_linear_in_transformer) == (64, 1024, True)
+    assert (sd15.text_encoder.kind, sd21.text_encoder.kind, sd21.text_encoder.layer) == ("hf_clip", "open_clip", "penultimate")
+    assert sd15.latent_factor == 8 and sd15.vae.scaling_factor == 0.18215
+
+
+def test_overrides_are_parsed_as_yaml_values():
+    cfg = load_config(
+        ROOT / "configs/sd_tiny.yaml",
+        ["model.unet.model_channels=32", "sample.cfg=3.5", "model.unet.channel_mult=[1, 2, 2]", "sample.negative_prompt=blurry"],
+    )
+    assert cfg.model.unet.model_channels == 32
+    assert cfg.sample.cfg == 3.5
+    assert cfg.model.unet.channel_mult == (1, 2, 2)
+    assert cfg.sample.negative_prompt == "blurry"
+
+
+def test_override_without_equals_sign_is_explained():
+    with pytest.raises(ConfigError, match="key=value"):
+        apply_overrides({}, ["model.unet.model_channels"])
+
+
+def test_unknown_key_suggests_the_nearest_one():
+    with pytest.raises(ConfigError, match=r"unknown key Config\.model\.unet\.chanel_mult; did you mean 'channel_mult'"):
+        load_config(ROOT / "configs/sd_tiny.yaml", ["model.unet.chanel_mult=[1,2]"])
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("model.unet.model_channels=abc", "model_channels must be an integer"),
+        ("model.unet.use_linear_in_transformer=3", "must be true or false"),
+        ("model.unet.num_heads=4", "exactly one of num_heads"),
+        ("model.unet.context_dim=256", r"context_dim \(256\) must equal text_encoder.width \(128\)"),
+        ("model.diffusion.prediction_type=epsilon", "prediction_type must be one of"),
+        ("model.diffusion.beta_schedule=quadratic", "beta_schedule must be one of"),
+        ("model.unet.attention_resolutions=[8]", r"attention_resolutions \[8\] are not downsampling factors"),
+        ("model.unet.model_channels=40", "multiple of norm_groups=32"),
+        ("model.text_encoder.kind=t5", "text_encoder.kind must be one of"),
+    ],
+)
+def test_bad_values_name_the_key_and_the_fix(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(ROOT / "configs/sd_tiny.yaml", [override])
+
+
+def test_base_loops_and_missing_files_are_reported(tmp_path):
+    (tmp_path / "a.yaml").write_text("base: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("base: a.yaml\n")
+    with pytest.raises(ConfigError, match="loops"):
+        load_yaml(tmp_path / "a.yaml")
+    with pytest.raises(ConfigError, match="not found"):
+        load_yaml(tmp_path / "missing.yaml")
+    (tmp_path / "bad.yaml").write_text("model: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_yaml(tmp_path / "bad.yaml")
