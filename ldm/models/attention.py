@@ -1,0 +1,198 @@
+"""Attention backends and the U-Net's SpatialTransformer.
+
+Every attention layer calls `attention(q, k, v, backend)` and keeps its backend in a `backend`
+attribute; `set_attention_backend(model, name)` switches a whole model at once.
+
+  - "sdpa": torch.nn.functional.scaled_dot_product_attention (flash / memory-efficient kernels on GPU)
+  - "xformers": xformers.ops.memory_efficient_attention (optional dependency)
+  - "math": softmax(Q K^T / sqrt(d)) V written out in float32, the reference for tests
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .layers import maybe_checkpoint, normalization, zero_module
+
+ATTENTION_BACKENDS = ("sdpa", "xformers", "math")
+DEFAULT_ATTENTION_BACKEND = "sdpa"
+
+
+def _unknown_backend(name: str) -> ValueError:
+    return ValueError(f"unknown attention backend {name!r}; valid backends: {', '.join(ATTENTION_BACKENDS)}")
+
+
+def _xformers_ops():
+    try:
+        import xformers.ops
+    except ImportError as e:
+        raise ImportError(
+            "the 'xformers' attention backend needs the xformers package: `pip install xformers` "
+            "(or `pip install ldm[xformers]`), or use the default backend 'sdpa'"
+        ) from e
+    return xformers.ops
+
+
+def attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str = DEFAULT_ATTENTION_BACKEND
+) -> torch.Tensor:
+    """softmax(q k^T / sqrt(d)) v on (B, heads, L, d) tensors; k and v may have a different length."""
+    if backend == "sdpa":
+        return F.scaled_dot_product_attention(q, k, v)
+    if backend == "xformers":
+        ops = _xformers_ops()
+        # xformers wants (B, L, heads, d)
+        out = ops.memory_efficient_attention(
+            q.transpose(1, 2).contiguous(), k.transpose(1, 2).contiguous(), v.transpose(1, 2).contiguous()
+        )
+        return out.transpose(1, 2)
+    if backend == "math":
+        scale = q.shape[-1] ** -0.5
+        scores = (q.float() @ k.float().transpose(-1, -2)) * scale  # (B, heads, Lq, Lk)
+        return (scores.softmax(dim=-1) @ v.float()).to(q.dtype)  # (B, heads, Lq, d)
+    raise _unknown_backend(backend)
+
+
+class AttentionLayer(nn.Module):
+    """Base of every module that calls `attention()`: holds the backend it uses."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.backend = DEFAULT_ATTENTION_BACKEND
+
+
+def set_attention_backend(module: nn.Module, name: str) -> None:
+    """Make every attention layer inside `module` use backend `name` (one of ATTENTION_BACKENDS)."""
+    if name not in ATTENTION_BACKENDS:
+        raise _unknown_backend(name)
+    if name == "xformers":
+        _xformers_ops()  # fail now, with the install hint, rather than at the first forward
+    for m in module.modules():
+        if isinstance(m, AttentionLayer):
+            m.backend = name
+
+
+class CrossAttention(AttentionLayer):
+    """Multi-head attention from x (B, N, query_dim) to context (B, L, context_dim); self-attention
+    when no context is given."""
+
+    def __init__(self, query_dim: int, context_dim: int, heads: int, dim_head: int, dropout: float = 0.0) -> None:
+        super().__init__()
+        inner = heads * dim_head
+        self.heads = heads
+        self.to_q = nn.Linear(query_dim, inner, bias=False)
+        self.to_k = nn.Linear(context_dim, inner, bias=False)
+        self.to_v = nn.Linear(context_dim, inner, bias=False)
+        self.to_out = nn.Sequential(nn.Linear(inner, query_dim), nn.Dropout(dropout))
+
+    def _split_heads(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, _ = x.shape
+        return x.reshape(b, n, self.heads, -1).transpose(1, 2)  # (B, heads, N, d)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        context = x if context is None else context
+        q = self._split_heads(self.to_q(x))
+        k = self._split_heads(self.to_k(context))
+        v = self._split_heads(self.to_v(context))
+        out = attention(q, k, v, self.backend)  # (B, heads, N, d)
+        out = out.transpose(1, 2).reshape(x.shape[0], x.shape[1], -1)  # (B, N, heads * d)
+        return self.to_out(out)
+
+
+class GEGLU(nn.Module):
+    """Linear to twice the width, then value * GELU(gate)."""
+
+    def __init__(self, dim_in: int, dim_out: int) -> None:
+        super().__init__()
+        self.proj = nn.Linear(dim_in, 2 * dim_out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        value, gate = self.proj(x).chunk(2, dim=-1)
+        return value * F.gelu(gate)
+
+
+class FeedForward(nn.Module):
+    """GEGLU MLP with a 4x hidden width."""
+
+    def __init__(self, dim: int, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.net = nn.Sequential(GEGLU(dim, 4 * dim), nn.Dropout(dropout), nn.Linear(4 * dim, dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class BasicTransformerBlock(nn.Module):
+    """Pre-norm self-attention, cross-attention to the context, and feed-forward, each residual."""
+
+    def __init__(self, dim: int, heads: int, dim_head: int, context_dim: int, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.attn1 = CrossAttention(dim, dim, heads, dim_head, dropout)
+        self.ff = FeedForward(dim, dropout)
+        self.attn2 = CrossAttention(dim, context_dim, heads, dim_head, dropout)
+        self.norm1 = nn.LayerNorm(dim)
+        self.norm2 = nn.LayerNorm(dim)
+        self.norm3 = nn.LayerNorm(dim)
+        self.gradient_checkpointing = False
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        # x: (B, N, dim), context: (B, L, context_dim)
+        return maybe_checkpoint(self._forward, x, context, enabled=self.gradient_checkpointing and self.training)
+
+    def _forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn1(self.norm1(x))
+        x = x + self.attn2(self.norm2(x), context)
+        return x + self.ff(self.norm3(x))
+
+
+class SpatialTransformer(nn.Module):
+    """Transformer over the pixels of a feature map, conditioned on a context by cross-attention.
+
+    GroupNorm, project in (1x1 conv as in SD 1.x, or Linear as in SD 2.x), `depth` transformer
+    blocks, zero-initialised projection out, residual around the whole.
+    """
+
+    def __init__(
+        self,
+        channels: int,
+        heads: int,
+        dim_head: int,
+        depth: int,
+        context_dim: int,
+        groups: int,
+        use_linear: bool,
+        dropout: float = 0.0,
+    ) -> None:
+        super().__init__()
+        inner = heads * dim_head
+        self.use_linear = use_linear
+        self.norm = normalization(channels, groups, eps=1e-6)
+        if use_linear:
+            self.proj_in = nn.Linear(channels, inner)
+            self.proj_out = zero_module(nn.Linear(inner, channels))
+        else:
+            self.proj_in = nn.Conv2d(channels, inner, 1)
+            self.proj_out = zero_module(nn.Conv2d(inner, channels, 1))
+        self.transformer_blocks = nn.ModuleList(
+            [BasicTransformerBlock(inner, heads, dim_head, context_dim, dropout) for _ in range(depth)]
+        )
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        residual = x
+        x = self.norm(x)
+        if not self.use_linear:
+            x = self.proj_in(x)  # (B, inner, H, W)
+        x = x.flatten(2).transpose(1, 2)  # (B, H*W, inner or C)
+        if self.use_linear:
+            x = self.proj_in(x)  # (B, H*W, inner)
+        for block in self.transformer_blocks:
+            x = block(x, context)
+        if self.use_linear:
+            x = self.proj_out(x)  # (B, H*W, C)
+        x = x.transpose(1, 2).reshape(b, -1, h, w)
+        if not self.use_linear:
+            x = self.proj_out(x)  # (B, C, H, W)
+        return x + residual
