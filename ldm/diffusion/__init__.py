@@ -1,0 +1,75 @@
+"""The noise math: schedules, prediction types and losses, the VE denoiser, samplers and guidance.
+
+The networks know none of this: a U-Net maps (x_t, t, context) to a prediction, and everything
+that turns predictions into training targets or images lives here.
+"""
+
+from .denoiser import Denoiser
+from .guidance import CFGDenoiser
+from .objective import (
+    PREDICTION_TYPES,
+    convert_prediction,
+    diffusion_loss,
+    min_snr_weight,
+    pred_to_eps,
+    pred_to_x0,
+    q_sample,
+    snr,
+    target_for,
+)
+from .samplers import (
+    SAMPLER_NAMES,
+    SAMPLERS,
+    STOCHASTIC_SAMPLERS,
+    ancestral_step,
+    randn_like,
+    resolve_sampler,
+    sample_ddim,
+    sample_ddpm,
+    sample_dpmpp_2m,
+    sample_euler,
+    sample_euler_a,
+    sample_heun,
+)
+from .schedule import (
+    BETA_KINDS,
+    MIN_ALPHA_CUMPROD,
+    SPACINGS,
+    Schedule,
+    make_betas,
+    rescale_zero_terminal_snr,
+    sigmas_from_schedule,
+)
+
+__all__ = [
+    "BETA_KINDS",
+    "MIN_ALPHA_CUMPROD",
+    "SPACINGS",
+    "Schedule",
+    "make_betas",
+    "rescale_zero_terminal_snr",
+    "sigmas_from_schedule",
+    "PREDICTION_TYPES",
+    "convert_prediction",
+    "pred_to_x0",
+    "pred_to_eps",
+    "target_for",
+    "q_sample",
+    "snr",
+    "min_snr_weight",
+    "diffusion_loss",
+    "Denoiser",
+    "CFGDenoiser",
+    "randn_like",
+    "ancestral_step",
+    "sample_ddpm",
+    "sample_ddim",
+    "sample_euler",
+    "sample_euler_a",
+    "sample_heun",
+    "sample_dpmpp_2m",
+    "SAMPLERS",
+    "STOCHASTIC_SAMPLERS",
+    "SAMPLER_NAMES",
+    "resolve_sampler",
+]

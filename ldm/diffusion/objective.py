@@ -1,0 +1,148 @@
+"""What the network predicts (eps, v or x0), the exact conversions between them, and the training loss.
+
+With x_t = alpha * x0 + sigma * eps and v = alpha * eps - sigma * x0 (Salimans & Ho 2022), any one
+prediction together with x_t determines the other two. The formulas below solve that 2x2 linear
+system exactly for any (alpha, sigma), so they hold for VP schedules (alpha^2 + sigma^2 = 1) and
+need no such assumption. alpha and sigma may be Python floats, 0-d tensors or per-sample (B,)
+tensors; (B,) is broadcast over the remaining dims of x_t.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ..config import PREDICTION_TYPES
+from .schedule import Schedule
+
+__all__ = [
+    "PREDICTION_TYPES",
+    "convert_prediction",
+    "pred_to_x0",
+    "pred_to_eps",
+    "target_for",
+    "q_sample",
+    "snr",
+    "min_snr_weight",
+    "diffusion_loss",
+]
+
+
+def _check_type(prediction_type: str) -> None:
+    if prediction_type not in PREDICTION_TYPES:
+        raise ValueError(f"unknown prediction type {prediction_type!r}; valid types: {', '.join(PREDICTION_TYPES)}")
+
+
+def _bcast(c: float | Tensor, like: Tensor) -> Tensor | float:
+    """(B,) coefficients -> (B, 1, ..., 1) so they broadcast over `like` (B, ...)."""
+    if not isinstance(c, Tensor):
+        return c
+    if c.ndim == 1 and like.ndim > 1:
+        return c.reshape(-1, *([1] * (like.ndim - 1)))
+    return c
+
+
+def _x0_eps(pred: Tensor, x_t: Tensor, alpha, sigma, src: str) -> tuple[Tensor, Tensor]:
+    """Solve x_t = a x0 + s eps together with the prediction `pred` of kind `src` for (x0, eps)."""
+    a, s = _bcast(alpha, x_t), _bcast(sigma, x_t)
+    if src == "eps":
+        return (x_t - s * pred) / a, pred
+    if src == "x0":
+        return pred, (x_t - a * pred) / s
+    # src == "v": [a s; -s a] [x0; eps] = [x_t; v], determinant a^2 + s^2
+    norm = a * a + s * s
+    return (a * x_t - s * pred) / norm, (s * x_t + a * pred) / norm
+
+
+def convert_prediction(pred: Tensor, x_t: Tensor, alpha, sigma, src: str, dst: str) -> Tensor:
+    """Convert a network output of kind `src` ("eps" | "v" | "x0") at x_t into kind `dst`."""
+    _check_type(src)
+    _check_type(dst)
+    if src == dst:
+        return pred
+    a, s = _bcast(alpha, x_t), _bcast(sigma, x_t)
+    if dst == "x0" and src == "eps":
+        return (x_t - s * pred) / a
+    if dst == "eps" and src == "x0":
+        return (x_t - a * pred) / s
+    x0, eps = _x0_eps(pred, x_t, alpha, sigma, src)
+    if dst == "x0":
+        return x0
+    if dst == "eps":
+        return eps
+    return a * eps - s * x0  # v = alpha * eps - sigma * x0
+
+
+def pred_to_x0(pred: Tensor, x_t: Tensor, alpha, sigma, prediction_type: str) -> Tensor:
+    return convert_prediction(pred, x_t, alpha, sigma, prediction_type, "x0")
+
+
+def pred_to_eps(pred: Tensor, x_t: Tensor, alpha, sigma, prediction_type: str) -> Tensor:
+    return convert_prediction(pred, x_t, alpha, sigma, prediction_type, "eps")
+
+
+def target_for(prediction_type: str, x0: Tensor, noise: Tensor, alpha, sigma) -> Tensor:
+    """The regression target for a network predicting `prediction_type`."""
+    _check_type(prediction_type)
+    if prediction_type == "eps":
+        return noise
+    if prediction_type == "x0":
+        return x0
+    return _bcast(alpha, x0) * noise - _bcast(sigma, x0) * x0  # v
+
+
+def q_sample(x0: Tensor, t: Tensor, noise: Tensor, schedule: Schedule) -> Tensor:
+    """x_t = alpha_t x0 + sigma_t eps for integer timesteps t of shape (B,), in x0's dtype."""
+    alpha, sigma = schedule.alpha_sigma(t, dtype=torch.promote_types(x0.dtype, torch.float32))
+    return (_bcast(alpha, x0) * x0 + _bcast(sigma, x0) * noise).to(x0.dtype)
+
+
+def snr(t: Tensor, schedule: Schedule, dtype: torch.dtype = torch.float32) -> Tensor:
+    """Signal-to-noise ratio alpha_t^2 / sigma_t^2 for integer timesteps t (0 at a zero-SNR step)."""
+    ac = schedule.alphas_cumprod
+    return (ac / (1 - ac)).to(dtype=dtype).to(t.device)[t]
+
+
+def min_snr_weight(snr_t: Tensor, gamma: float, prediction_type: str) -> Tensor:
+    """Min-SNR-gamma loss weights (Hang et al. 2023), written for each target.
+
+    The weight is min(SNR, gamma) on the x0 loss; an eps loss equals SNR times the x0 loss and a v
+    loss (SNR + 1) times it, hence min(SNR, gamma) / SNR and min(SNR, gamma) / (SNR + 1).
+    """
+    _check_type(prediction_type)
+    clipped = snr_t.clamp(max=gamma)
+    if prediction_type == "x0":
+        return clipped
+    if prediction_type == "v":
+        return clipped / (snr_t + 1)
+    # min(snr, g) / snr = min(1, g / snr); written so that snr = 0 (zero terminal SNR) gives 1, not nan
+    return (gamma / snr_t).clamp(max=1)
+
+
+def diffusion_loss(
+    model_output: Tensor,
+    x0: Tensor,
+    noise: Tensor,
+    t: Tensor,
+    schedule: Schedule,
+    prediction_type: str,
+    min_snr_gamma: float | None = None,
+    reduction: str = "mean",
+) -> Tensor:
+    """MSE between the network output and its target, optionally Min-SNR-gamma weighted.
+
+    The squared error is averaged over each sample's elements, weighted per sample, then averaged
+    over the batch (`reduction="mean"`, a scalar) or returned per sample (`reduction="none"`, (B,)).
+    Computed in at least float32 whatever the model's dtype.
+    """
+    if reduction not in ("mean", "none"):
+        raise ValueError(f"reduction must be 'mean' or 'none' (got {reduction!r})")
+    if min_snr_gamma is not None and not min_snr_gamma > 0:
+        raise ValueError(f"min_snr_gamma must be > 0 or None (got {min_snr_gamma!r}); 5 is typical")
+    dtype = torch.promote_types(model_output.dtype, torch.float32)
+    alpha, sigma = schedule.alpha_sigma(t, dtype=dtype)
+    target = target_for(prediction_type, x0.to(dtype), noise.to(dtype), alpha, sigma)
+    per_sample = (model_output.to(dtype) - target).square().flatten(1).mean(1)  # (B,)
+    if min_snr_gamma is not None:
+        per_sample = per_sample * min_snr_weight(snr(t, schedule, dtype), min_snr_gamma, prediction_type)
+    return per_sample.mean() if reduction == "mean" else per_sample
