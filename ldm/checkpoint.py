@@ -1,0 +1,125 @@
+"""The model file: one `.safetensors` in the original Stable Diffusion key layout, config in its metadata.
+
+Tensors are stored under the prefixes of the original single-file checkpoints
+(`model.diffusion_model.*`, `first_stage_model.*`, `cond_stage_model.*`), so our files open in
+the tools people already use; the metadata holds the resolved config as JSON, so nothing about
+a model is guessed when it is loaded back. Files are written to a temporary name and renamed,
+so an interrupted save never leaves a half-written file under the real name.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Mapping
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .config import Config, from_dict, to_dict
+from .errors import CheckpointError, ConfigError
+
+PREFIXES = {
+    "unet": "model.diffusion_model.",
+    "vae": "first_stage_model.",
+    "text_encoder": "cond_stage_model.",
+}
+CONFIG_KEY = "ldm_config"
+FORMAT_KEY = "ldm_format"
+FORMAT_VERSION = "1"
+
+
+def atomic_save_safetensors(tensors: Mapping[str, torch.Tensor], path: str | Path, metadata: dict[str, str]) -> Path:
+    """Write `tensors` to `path` via a temporary file in the same directory, fsync, then rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        save_file(dict(tensors), str(tmp), metadata=metadata)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def save_model_file(path: str | Path, parts: Mapping[str, nn.Module], config: Config) -> Path:
+    """Save the named parts (`unet`, `vae`, `text_encoder`) with `config` in the metadata."""
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        raise CheckpointError(f"model files are .safetensors; got {path.name!r} (try {path.with_suffix('.safetensors').name!r})")
+    tensors: dict[str, torch.Tensor] = {}
+    for name, module in parts.items():
+        prefix = PREFIXES[name]
+        for key, value in module.state_dict().items():
+            tensors[prefix + key] = value.detach().contiguous().cpu()
+    metadata = {CONFIG_KEY: json.dumps(to_dict(config), sort_keys=True), FORMAT_KEY: FORMAT_VERSION}
+    return atomic_save_safetensors(tensors, path, metadata)
+
+
+def read_model_file(path: str | Path) -> tuple[dict[str, dict[str, torch.Tensor]], Config | None]:
+    """Read a model file into per-part state dicts (prefixes stripped) and its config (None when the
+    file carries none, as original Stable Diffusion files do)."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    if path.is_dir():
+        raise CheckpointError(f"{path} is a directory; pass the .safetensors model file inside it")
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(
+            f"{path} is not a readable .safetensors file ({e}); it may be truncated or corrupt: "
+            "re-export or re-download it"
+        ) from None
+    config = None
+    if CONFIG_KEY in metadata:
+        try:
+            config = from_dict(Config, json.loads(metadata[CONFIG_KEY]))
+            config.validate()
+        except (ConfigError, json.JSONDecodeError) as e:
+            raise CheckpointError(f"{path}: the config stored in its metadata is invalid: {e}") from None
+    parts: dict[str, dict[str, torch.Tensor]] = {name: {} for name in PREFIXES}
+    stray = []
+    for key, value in tensors.items():
+        for name, prefix in PREFIXES.items():
+            if key.startswith(prefix):
+                parts[name][key[len(prefix):]] = value
+                break
+        else:
+            stray.append(key)
+    if stray:
+        raise CheckpointError(
+            f"{path} holds {len(stray)} tensors outside the model parts ({', '.join(stray[:5])}); "
+            f"expected only keys under {', '.join(PREFIXES.values())}"
+        )
+    return parts, config
+
+
+def load_state_strict(module: nn.Module, state: Mapping[str, torch.Tensor], what: str) -> None:
+    """`load_state_dict(strict=True)` with an error that names missing, unexpected and mis-shaped keys."""
+    own = module.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    mismatched = [
+        f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+        for k in own
+        if k in state and state[k].shape != own[k].shape
+    ]
+    if missing or unexpected or mismatched:
+        lines = [f"{what}: the checkpoint does not match the model built from its config"]
+        for label, keys in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", mismatched)):
+            if keys:
+                more = f" (+{len(keys) - 5} more)" if len(keys) > 5 else ""
+                lines.append(f"  {label} ({len(keys)}): {'; '.join(keys[:5])}{more}")
+        lines.append("  check that the config describes the same architecture as the weights")
+        raise CheckpointError("\n".join(lines))
+    module.load_state_dict(state, strict=True)
