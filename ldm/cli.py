@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
+from .diffusion import SAMPLER_NAMES, SPACINGS
 from .models.attention import ATTENTION_BACKENDS
 from .pipeline import DTYPES, LDMPipeline, make_grid
 
@@ -44,6 +45,40 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
                        help="weights dtype (default: fp16 on GPUs, fp32 on CPU)")
     group.add_argument("--attention", default="sdpa", choices=ATTENTION_BACKENDS,
                        help="attention backend (default sdpa; xformers needs `pip install xformers`)")
+
+
+def add_sampling_args(parser: argparse.ArgumentParser, *, out: str) -> None:
+    """The prompt and sampling options every image tool shares (all but the image size)."""
+    parser.add_argument("--prompt", required=True, help="what to draw")
+    parser.add_argument("--negative-prompt", default=None, help="what to steer away from (default: none)")
+    parser.add_argument("--cfg", type=float, default=7.5, help="classifier-free guidance scale (default 7.5; 1 = off)")
+    parser.add_argument("--steps", type=int, default=None, help="sampling steps (default: the model's, e.g. 30)")
+    parser.add_argument("--sampler", default=None, choices=SAMPLER_NAMES, metavar="NAME",
+                        help=f"sampler (default: the model's); one of {', '.join(SAMPLER_NAMES)}")
+    parser.add_argument("--spacing", default=None, choices=SPACINGS,
+                        help="timestep spacing (default: karras for *_karras samplers, else trailing)")
+    parser.add_argument("--eta", type=float, default=None,
+                        help="noise scale of the stochastic samplers ddim and euler_a (ddim: 0 = deterministic)")
+    parser.add_argument("--guidance-rescale", type=float, default=0.0, help="CFG rescale factor in [0, 1]")
+    parser.add_argument("--seed", type=int, default=None,
+                        help="seed of the first image; image k uses seed + k (default: random)")
+    parser.add_argument("--n", type=int, default=1, help="number of images (default 1)")
+    parser.add_argument("--out", type=Path, default=Path(out), help=f"output folder (default {out})")
+
+
+def sampling_kwargs(args: argparse.Namespace) -> dict:
+    """The keyword arguments of LDMPipeline.generate / img2img / inpaint that add_sampling_args parsed."""
+    return {
+        "negative_prompt": args.negative_prompt,
+        "steps": args.steps,
+        "cfg": args.cfg,
+        "sampler": args.sampler,
+        "spacing": args.spacing,
+        "eta": args.eta,
+        "guidance_rescale": args.guidance_rescale,
+        "seed": args.seed,
+        "num_images": args.n,
+    }
 
 
 def pick_device(name: str) -> torch.device:
@@ -86,7 +121,7 @@ def png_info(image: Image.Image, model: str | None) -> PngInfo:
     """PNG text chunks: each setting on its own key, plus the common one-string 'parameters' form."""
     i = image.info
     meta = PngInfo()
-    fields = ("prompt", "negative_prompt", "seed", "sampler", "steps", "cfg", "spacing", "width", "height")
+    fields = ("prompt", "negative_prompt", "seed", "sampler", "steps", "cfg", "spacing", "width", "height", "strength")
     for key in fields:
         if key in i:
             meta.add_text(key, str(i[key]))
@@ -96,6 +131,7 @@ def png_info(image: Image.Image, model: str | None) -> PngInfo:
         f"{i.get('prompt', '')}\nNegative prompt: {i.get('negative_prompt', '')}\n"
         f"Steps: {i.get('steps')}, Sampler: {i.get('sampler')}, CFG scale: {i.get('cfg')}, "
         f"Seed: {i.get('seed')}, Size: {i.get('width')}x{i.get('height')}"
+        + (f", Denoising strength: {i['strength']}" if "strength" in i else "")
         + (f", Model: {Path(model).name}" if model else "")
     )
     meta.add_text("parameters", parameters)

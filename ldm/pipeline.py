@@ -1,6 +1,7 @@
-"""LDMPipeline: text -> latents -> images, and loading/saving whole models.
+"""LDMPipeline: text (and an image, and a mask) -> latents -> images, and loading/saving whole models.
 
-`generate` reads as numbered stages: check inputs, encode prompts, prepare noise, sample, decode.
+`generate`, `img2img` and `inpaint` read as the same numbered stages (check inputs, encode prompts,
+prepare the starting latents, sample, decode), written once as private helpers they share.
 The networks stay ignorant of the noise math (that lives in `ldm.diffusion`), and the sampler is
 picked by name from a registry of functions that share one signature.
 """
@@ -9,11 +10,14 @@ from __future__ import annotations
 
 import math
 import secrets
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence, Union
 
 import torch
-from PIL import Image
+import torch.nn.functional as F
+from PIL import Image, ImageOps
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -38,6 +42,9 @@ from .models.vae import AutoencoderKL
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 MAX_SEED = 2**63 - 1
 
+# An input picture: a PIL image, a file path, a list of those, or a tensor in [0, 1].
+ImageInput = Union[Image.Image, str, Path, torch.Tensor, Sequence[Union[Image.Image, str, Path]]]
+
 
 def parse_dtype(name: str | torch.dtype) -> torch.dtype:
     if isinstance(name, torch.dtype):
@@ -46,6 +53,45 @@ def parse_dtype(name: str | torch.dtype) -> torch.dtype:
     if key not in DTYPES:
         raise ValueError(f"unknown dtype {name!r}; choose one of {', '.join(DTYPES)}")
     return DTYPES[key]
+
+
+@dataclass
+class _Run:
+    """The checked sampling options of one call."""
+
+    sampler: str
+    sample_fn: Callable[..., torch.Tensor]
+    options: dict[str, Any]  # extra sampler keywords (eta)
+    steps: int
+    cfg: float
+    guidance_rescale: float
+    spacing: str
+
+
+class KnownRegionDenoiser:
+    """Latent blending for inpainting with an ordinary (non-inpainting) U-Net.
+
+    Wraps a VE denoiser so that, at every call, the kept region (mask 0) of x is replaced by the
+    image latents noised to the current sigma, known + sigma * noise, and the x0 estimate there is
+    the image latents themselves. The repainted region (mask 1) is the sampler's own. So the U-Net
+    always sees the known content at the right noise level around the hole, and each sampler step
+    from sigma to sigma' leaves the kept region at known + sigma' * noise (exactly, for the
+    deterministic first-order samplers). Wrapping the denoiser rather than editing x in a step
+    callback keeps samplers pure, also covers the extra calls inside a step (Heun) and gives
+    multistep solvers (DPM-Solver++) a consistent history.
+    """
+
+    def __init__(self, denoiser: Callable[..., torch.Tensor], *, known: torch.Tensor, noise: torch.Tensor,
+                 mask: torch.Tensor):
+        self.denoiser = denoiser
+        self.known = known  # (B, C, h, w) scaled image latents
+        self.noise = noise  # (B, C, h, w) the noise the image latents were noised with
+        self.repaint = mask > 0.5  # (B, 1, h, w) True where the sampler draws
+
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        s = torch.as_tensor(sigma, device=x.device, dtype=x.dtype).reshape(-1, *([1] * (x.ndim - 1)))
+        x = torch.where(self.repaint, x, self.known + s * self.noise)  # VE forward process q(x | x0) at sigma
+        return torch.where(self.repaint, self.denoiser(x, sigma, **kwargs), self.known)
 
 
 class LDMPipeline:
@@ -189,19 +235,218 @@ class LDMPipeline:
         single-image run with that seed. Returns PIL images (with prompt, seed and settings in
         `image.info`) or, with `output_type="tensor"`, a (B, 3, H, W) tensor in [0, 1].
         """
+        height = self.defaults.height if height is None else height
+        width = self.defaults.width if width is None else width
+
+        # 1. check inputs: every mistake is reported before any work is done
+        prompts = self._check_prompts(prompt)
+        negatives = self._check_negatives(self._negative(negative_prompt), len(prompts))
+        self._check_size(height, width)
+        run = self._check_run(steps, cfg, sampler, spacing, eta, guidance_rescale, num_images, output_type)
+        if self.unet.cfg.in_channels != self.vae.cfg.embed_dim:
+            raise ValueError(
+                f"this U-Net takes {self.unet.cfg.in_channels} input channels (an inpainting model); "
+                "use pipe.inpaint(image, mask, prompt) instead of generate"
+            )
+        sigmas = sigmas_from_schedule(self.schedule, run.steps, run.spacing)
+        generators, seeds = self._generators(seed, generator, len(prompts) * num_images)
+
+        # 2. encode prompts: [p0 x num_images, p1 x num_images, ...]
+        cond, uncond = self._encode_conditions(prompts, negatives, num_images)
+
+        # 3. initial noise, drawn per image from its own CPU generator so results match across devices
+        x = self._initial_noise(generators, height, width) * sigmas[0]
+
+        # 4. sample
+        latents = self._sample(run, x, sigmas, cond, uncond, generators, progress, callback)
+
+        # 5. decode
+        images = self._decode(latents)
+        info = {"width": width, "height": height}
+        return self._output(images, output_type, run, info, prompts, negatives, seeds, num_images)
+
+    @torch.inference_mode()
+    def img2img(
+        self,
+        image: ImageInput,
+        prompt: str | Sequence[str],
+        strength: float = 0.75,
+        negative_prompt: str | Sequence[str] | None = None,
+        *,
+        steps: int | None = None,
+        cfg: float | None = None,
+        sampler: str | None = None,
+        seed: int | None = None,
+        generator: torch.Generator | Sequence[torch.Generator] | None = None,
+        num_images: int = 1,
+        spacing: str | None = None,
+        eta: float | None = None,
+        guidance_rescale: float = 0.0,
+        output_type: str = "pil",
+        progress: bool = True,
+        callback: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None,
+    ) -> list[Image.Image] | torch.Tensor:
+        """Redraw `image` to follow `prompt` (SDEdit, Meng et al. 2022).
+
+        The image is encoded to latents (the VAE posterior mean), noised to the sigma where
+        `strength` enters the `steps`-step schedule, and sampled from there: `int(steps * strength)`
+        steps run. strength 0 returns the VAE round trip of the image; strength 1 starts from pure
+        noise and equals `generate` with the same seed. `image`: PIL image, path, list of those, or
+        a tensor (B, 3, H, W) / (3, H, W) in [0, 1]; H and W multiples of the VAE factor. One image
+        per prompt, or one image for all prompts (and one prompt for all images).
+        """
+        # 1. check inputs
+        prompts = self._check_prompts(prompt)
+        run = self._check_run(steps, cfg, sampler, spacing, eta, guidance_rescale, num_images, output_type)
+        strength = self._check_strength(strength)
+        pixels = load_image(image)
+        self._check_size(*pixels.shape[-2:], what="image ")
+        prompts, (pixels,) = self._broadcast(prompts, pixels)
+        negatives = self._check_negatives(self._negative(negative_prompt), len(prompts))
+        if self.unet.cfg.in_channels != self.vae.cfg.embed_dim:
+            raise ValueError(
+                f"this U-Net takes {self.unet.cfg.in_channels} input channels (an inpainting model); "
+                "use pipe.inpaint(image, mask, prompt) instead of img2img"
+            )
+        sigmas = self._strength_sigmas(run, strength)
+        generators, seeds = self._generators(seed, generator, len(prompts) * num_images)
+
+        # 2. encode prompts
+        cond, uncond = self._encode_conditions(prompts, negatives, num_images)
+
+        # 3. encode the image and noise it to the starting sigma
+        z0 = self.encode_image(pixels).repeat_interleave(num_images, dim=0)  # (B, C, h, w)
+        noise = self._initial_noise(generators, *pixels.shape[-2:])
+        x = self._noised(z0, noise, sigmas, run.steps)
+
+        # 4. sample the remaining steps
+        latents = self._sample(run, x, sigmas, cond, uncond, generators, progress, callback)
+
+        # 5. decode
+        images = self._decode(latents)
+        info = {"width": pixels.shape[-1], "height": pixels.shape[-2], "strength": strength}
+        return self._output(images, output_type, run, info, prompts, negatives, seeds, num_images)
+
+    @torch.inference_mode()
+    def inpaint(
+        self,
+        image: ImageInput,
+        mask: ImageInput,
+        prompt: str | Sequence[str],
+        negative_prompt: str | Sequence[str] | None = None,
+        *,
+        strength: float = 1.0,
+        steps: int | None = None,
+        cfg: float | None = None,
+        sampler: str | None = None,
+        seed: int | None = None,
+        generator: torch.Generator | Sequence[torch.Generator] | None = None,
+        num_images: int = 1,
+        spacing: str | None = None,
+        eta: float | None = None,
+        guidance_rescale: float = 0.0,
+        output_type: str = "pil",
+        progress: bool = True,
+        callback: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None,
+    ) -> list[Image.Image] | torch.Tensor:
+        """Repaint the white part of `mask` (1 = repaint, 0 = keep) to follow `prompt`.
+
+        Inpainting U-Nets (in_channels = 2 * latent channels + 1) see the latent mask and the
+        latents of the masked image beside the noisy latents. Ordinary U-Nets get latent blending:
+        every denoiser call sees the kept region as the image's latents noised to the current sigma.
+        Either way the output keeps the unmasked pixels exactly: the result is pasted over the input
+        through the mask (soft masks blend). `strength` < 1 starts from the noised image latents, as
+        in `img2img`. `mask`: PIL image ("L" or RGB, converted to grey), path, or tensor (H, W),
+        (1, H, W) or (B, 1, H, W) in [0, 1], the image's size.
+        """
+        # 1. check inputs
+        prompts = self._check_prompts(prompt)
+        run = self._check_run(steps, cfg, sampler, spacing, eta, guidance_rescale, num_images, output_type)
+        strength = self._check_strength(strength)
+        pixels, masks = load_image(image), load_mask(mask)
+        self._check_size(*pixels.shape[-2:], what="image ")
+        if masks.shape[-2:] != pixels.shape[-2:]:
+            raise ValueError(
+                f"mask size {masks.shape[-1]}x{masks.shape[-2]} differs from the image size "
+                f"{pixels.shape[-1]}x{pixels.shape[-2]}; resize the mask to the image first"
+            )
+        prompts, (pixels, masks) = self._broadcast(prompts, pixels, masks)
+        negatives = self._check_negatives(self._negative(negative_prompt), len(prompts))
+        latent_channels = self.vae.cfg.embed_dim
+        inpainting_unet = self.unet.cfg.in_channels == 2 * latent_channels + 1
+        sigmas = self._strength_sigmas(run, strength)
+        generators, seeds = self._generators(seed, generator, len(prompts) * num_images)
+
+        # 2. encode prompts
+        cond, uncond = self._encode_conditions(prompts, negatives, num_images)
+
+        # 3. latents of the image, the latent mask, the masked image; the starting point
+        n = num_images
+        keep = masks < 0.5  # (B, 1, H, W) binary mask for the U-Net's inputs, as SD's inpainting models were trained
+        z0 = self.encode_image(pixels).repeat_interleave(n, dim=0)  # (B, C, h, w)
+        f = self.vae.downsample_factor
+        # a latent is repainted if any of its f x f pixels is (max-pool), so blending never overwrites repainted pixels
+        latent_mask = F.max_pool2d((~keep).float(), f).repeat_interleave(n, dim=0).to(self.device)  # (B, 1, h, w)
+        noise = self._initial_noise(generators, *pixels.shape[-2:])
+        x = self._noised(z0, noise, sigmas, run.steps)
+        wrap = None
+        if inpainting_unet:
+            # U-Net input channels: [noisy latents (C), mask (1), masked-image latents (C)]
+            masked_pixels = torch.where(keep, pixels, 0.5)  # repainted pixels grey (0 in the VAE's [-1, 1])
+            masked = self.encode_image(masked_pixels).repeat_interleave(n, dim=0)
+            c_concat = torch.cat([latent_mask, masked], dim=1)
+            cond["c_concat"] = uncond["c_concat"] = c_concat
+        else:
+            wrap = partial(KnownRegionDenoiser, known=z0, noise=noise, mask=latent_mask)
+            x = torch.where(latent_mask > 0, x, z0 + noise * sigmas[0])  # kept region: the image at sigma_start
+
+        # 4. sample
+        latents = self._sample(run, x, sigmas, cond, uncond, generators, progress, callback, wrap=wrap)
+        if not inpainting_unet:
+            latents = torch.where(latent_mask > 0, latents, z0)
+
+        # 5. decode, then keep the unmasked pixels exactly: out = m * generated + (1 - m) * input
+        images = self._decode(latents)
+        m = masks.repeat_interleave(n, dim=0)
+        images = m * images + (1 - m) * pixels.repeat_interleave(n, dim=0)
+        info = {"width": pixels.shape[-1], "height": pixels.shape[-2], "strength": strength}
+        return self._output(images, output_type, run, info, prompts, negatives, seeds, num_images)
+
+    @torch.inference_mode()
+    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
+        """Images (B, 3, H, W) in [0, 1] -> scaled latents (B, C, h, w), float32 on the pipeline's device.
+
+        Uses the posterior mean (deterministic; SD's posterior std is tiny next to the latents).
+        One image at a time, like decoding."""
+        latents = [self.vae.encode((2 * x[None] - 1).to(self.device, self.dtype)).mean for x in images]
+        return torch.cat(latents).float() * self.vae.scaling_factor
+
+    @torch.inference_mode()
+    def decode_latents(self, z: torch.Tensor) -> torch.Tensor:
+        """Scaled latents (B, C, h, w) -> images (B, 3, H, W) in [0, 1]."""
+        x = self.vae.decode((z / self.vae.scaling_factor).to(self.dtype))
+        return ((x.float() + 1) / 2).clamp(0, 1)
+
+    # ------------------------------------------------------------------------------------------
+    # Stages shared by generate, img2img and inpaint
+    # ------------------------------------------------------------------------------------------
+
+    def _check_run(
+        self,
+        steps: int | None,
+        cfg: float | None,
+        sampler: str | None,
+        spacing: str | None,
+        eta: float | None,
+        guidance_rescale: float,
+        num_images: int,
+        output_type: str,
+    ) -> _Run:
+        """Check the sampling options (defaults from the model's config) and resolve the sampler."""
         d = self.defaults
         steps = d.steps if steps is None else steps
         cfg = d.cfg if cfg is None else cfg
         sampler = sampler or d.sampler
-        height = d.height if height is None else height
-        width = d.width if width is None else width
-        if negative_prompt is None:
-            negative_prompt = d.negative_prompt
-
-        # 1. check inputs: every mistake is reported before any work is done
-        prompts = self._check_prompts(prompt)
-        negatives = self._check_negatives(negative_prompt, len(prompts))
-        self._check_size(height, width)
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
             raise ValueError(f"steps must be an integer >= 1 (got {steps!r}); 20-50 is typical")
         if isinstance(num_images, bool) or not isinstance(num_images, int) or num_images < 1:
@@ -212,11 +457,6 @@ class LDMPipeline:
             raise ValueError(f"guidance_rescale must be in [0, 1] (got {guidance_rescale!r}); 0.7 is typical")
         if output_type not in ("pil", "tensor"):
             raise ValueError(f"output_type must be 'pil' or 'tensor' (got {output_type!r})")
-        if self.unet.cfg.in_channels != self.vae.cfg.embed_dim:
-            raise ValueError(
-                f"this U-Net takes {self.unet.cfg.in_channels} input channels (an inpainting model); "
-                "use pipe.inpaint(image, mask, prompt) instead of generate"
-            )
         sample_fn, default_spacing = resolve_sampler(sampler)
         base = sampler.removesuffix("_karras") if default_spacing else sampler
         options = {}
@@ -228,30 +468,91 @@ class LDMPipeline:
                 )
             options["eta"] = eta
         spacing = spacing or default_spacing or "trailing"
-        sigmas = sigmas_from_schedule(self.schedule, steps, spacing)
-        batch = len(prompts) * num_images
-        generators, seeds = self._generators(seed, generator, batch)
+        return _Run(sampler, sample_fn, options, steps, cfg, guidance_rescale, spacing)
 
-        # 2. encode prompts: [p0 x num_images, p1 x num_images, ...]
-        device = self.device
-        context = self.encode_prompt(prompts).repeat_interleave(num_images, dim=0)
-        cond = {"context": context}
+    @staticmethod
+    def _check_strength(strength: float) -> float:
+        if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0 <= strength <= 1:
+            raise ValueError(
+                f"strength must be a number in [0, 1] (got {strength!r}); "
+                "0 keeps the image, 1 ignores it, 0.75 is typical"
+            )
+        return float(strength)
+
+    def _strength_sigmas(self, run: _Run, strength: float) -> torch.Tensor:
+        """The tail of the `run.steps`-step sigma schedule that `strength` keeps: int(steps * strength)
+        steps, starting at the first kept step's sigma (just [0] when no step is kept)."""
+        full = sigmas_from_schedule(self.schedule, run.steps, run.spacing)
+        kept = min(int(run.steps * strength), run.steps)
+        return full[run.steps - kept :]
+
+    @staticmethod
+    def _noised(z0: torch.Tensor, noise: torch.Tensor, sigmas: torch.Tensor, steps: int) -> torch.Tensor:
+        """The sampler's starting point for image latents z0: z0 + sigma_start * noise (VE forward
+        process). With the full schedule (strength 1) the image is dropped, x = sigma_max * noise, so
+        that the result equals text-to-image with the same seed."""
+        if len(sigmas) == steps + 1:
+            return noise * sigmas[0]
+        return z0 + noise * sigmas[0]
+
+    def _broadcast(self, prompts: list[str], *tensors: torch.Tensor) -> tuple[list[str], list[torch.Tensor]]:
+        """Pair prompts with a batch of images (and masks): each has 1 or n entries, n the largest."""
+        n = max(len(prompts), *(t.shape[0] for t in tensors))
+        sizes = {"prompts": len(prompts), **{f"input {i}": t.shape[0] for i, t in enumerate(tensors)}}
+        if any(size not in (1, n) for size in sizes.values()):
+            got = ", ".join(str(s) for s in [len(prompts), *(t.shape[0] for t in tensors)])
+            raise ValueError(
+                f"got batches of {got} (prompts, images[, masks]); pass one of each, or the same number of each"
+            )
+        prompts = prompts * n if len(prompts) == 1 else prompts
+        return prompts, [t.expand(n, *t.shape[1:]) if t.shape[0] == 1 else t for t in tensors]
+
+    def _negative(self, negative_prompt: str | Sequence[str] | None) -> str | Sequence[str]:
+        return self.defaults.negative_prompt if negative_prompt is None else negative_prompt
+
+    def _encode_conditions(
+        self, prompts: list[str], negatives: list[str], num_images: int
+    ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """cond and uncond keyword arguments for CFGDenoiser, in batch order [p0 x n, p1 x n, ...]."""
+        cond = {"context": self.encode_prompt(prompts).repeat_interleave(num_images, dim=0)}
         uncond = {"context": self.encode_prompt(negatives).repeat_interleave(num_images, dim=0)}
+        return cond, uncond
 
-        # 3. initial noise, drawn per image from its own CPU generator so results match across devices
+    def _initial_noise(self, generators: list[torch.Generator], height: int, width: int) -> torch.Tensor:
+        """(B, C, h, w) standard normal latents, row k from generator k (on the CPU for generators
+        made by seed), float32 on the pipeline's device."""
         f = self.vae.downsample_factor
-        shape = (batch, self.unet.cfg.in_channels, height // f, width // f)
-        noise = randn_like(torch.empty(shape, dtype=torch.float32), generators)
-        x = noise.to(device) * sigmas[0]
+        shape = (len(generators), self.vae.cfg.embed_dim, height // f, width // f)
+        return randn_like(torch.empty(shape, dtype=torch.float32), generators).to(self.device)
 
-        # 4. sample
+    def _sample(
+        self,
+        run: _Run,
+        x: torch.Tensor,
+        sigmas: torch.Tensor,
+        cond: dict[str, torch.Tensor],
+        uncond: dict[str, torch.Tensor],
+        generators: list[torch.Generator],
+        progress: bool,
+        callback: Callable[[int, torch.Tensor, torch.Tensor], None] | None,
+        *,
+        wrap: Callable[[Callable[..., torch.Tensor]], Callable[..., torch.Tensor]] | None = None,
+    ) -> torch.Tensor:
+        """Run the sampler from x over `sigmas` with the guided denoiser (optionally wrapped)."""
+        if len(sigmas) < 2:
+            return x  # nothing to sample (strength 0)
         dtype = self.dtype
 
-        def unet(x_t: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        def unet(x_t: torch.Tensor, t: torch.Tensor, context: torch.Tensor, c_concat=None) -> torch.Tensor:
+            if c_concat is not None:  # inpainting U-Net: extra input channels beside the noisy latents
+                x_t = torch.cat([x_t, c_concat.to(x_t.dtype)], dim=1)
             return self.unet(x_t.to(dtype), t, context)  # sampler state stays fp32; the U-Net runs in its dtype
 
-        denoiser = CFGDenoiser(Denoiser(unet, self.schedule, self.diffusion.prediction_type), cfg, guidance_rescale)
-        bar = tqdm(total=steps, desc="sampling", disable=not progress, leave=False)
+        denoiser = Denoiser(unet, self.schedule, self.diffusion.prediction_type)
+        denoiser = CFGDenoiser(denoiser, run.cfg, run.guidance_rescale)
+        if wrap is not None:
+            denoiser = wrap(denoiser)
+        bar = tqdm(total=len(sigmas) - 1, desc="sampling", disable=not progress, leave=False)
 
         def on_step(i: int, x_i: torch.Tensor, denoised: torch.Tensor) -> None:
             bar.update(1)
@@ -259,23 +560,36 @@ class LDMPipeline:
                 callback(i, x_i, denoised)
 
         try:
-            latents = sample_fn(
+            return run.sample_fn(
                 denoiser,
                 x,
                 sigmas,
                 extra_args={"cond": cond, "uncond": uncond},
                 generator=generators,
                 callback=on_step,
-                **options,
+                **run.options,
             )
         finally:
             bar.close()
 
-        # 5. decode one image at a time (decoding is the memory peak at large sizes)
-        images = torch.cat([self.decode_latents(z[None]) for z in latents]).float().cpu()
+    def _decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Decode one image at a time (decoding is the memory peak at large sizes); float32 on the CPU."""
+        return torch.cat([self.decode_latents(z[None]) for z in latents]).float().cpu()
+
+    @staticmethod
+    def _output(
+        images: torch.Tensor,
+        output_type: str,
+        run: _Run,
+        info: dict,
+        prompts: list[str],
+        negatives: list[str],
+        seeds: list[int | None],
+        num_images: int,
+    ) -> list[Image.Image] | torch.Tensor:
         if output_type == "tensor":
             return images
-        info = {"sampler": sampler, "steps": steps, "cfg": cfg, "spacing": spacing, "width": width, "height": height}
+        info = {"sampler": run.sampler, "steps": run.steps, "cfg": run.cfg, "spacing": run.spacing, **info}
         out = []
         for k, img in enumerate(images):
             pil = to_pil(img)
@@ -283,12 +597,6 @@ class LDMPipeline:
             pil.info.update(info, prompt=prompts[p], negative_prompt=negatives[p], seed=seeds[k])
             out.append(pil)
         return out
-
-    @torch.inference_mode()
-    def decode_latents(self, z: torch.Tensor) -> torch.Tensor:
-        """Scaled latents (B, C, h, w) -> images (B, 3, H, W) in [0, 1]."""
-        x = self.vae.decode((z / self.vae.scaling_factor).to(self.dtype))
-        return ((x.float() + 1) / 2).clamp(0, 1)
 
     # ------------------------------------------------------------------------------------------
     # Input checks
@@ -313,14 +621,17 @@ class LDMPipeline:
             )
         return negatives
 
-    def _check_size(self, height: int, width: int) -> None:
+    def _check_size(self, height: int, width: int, *, what: str = "") -> None:
+        """Both sides multiples of the VAE factor. `what` prefixes the names ("image ") of sizes
+        that come from an input image, whose errors then say that resizing is the caller's job."""
         f = self.vae.downsample_factor
-        for name, v in (("height", height), ("width", width)):
+        advice = "; resize or crop the image first" if what else ""
+        for name, v in ((what + "height", height), (what + "width", width)):
             if isinstance(v, bool) or not isinstance(v, int) or v < f:
-                raise ValueError(f"{name} must be an integer >= {f} (got {v!r})")
+                raise ValueError(f"{name} must be an integer >= {f} (got {v!r}){advice}")
             if v % f:
                 lo, hi = v - v % f, v - v % f + f
-                raise ValueError(f"{name} must be a multiple of {f} (got {v}); try {lo} or {hi}")
+                raise ValueError(f"{name} must be a multiple of {f} (got {v}); try {lo} or {hi}{advice}")
 
     @staticmethod
     def _generators(
@@ -359,3 +670,72 @@ def make_grid(images: Sequence[Image.Image], cols: int | None = None) -> Image.I
     for i, img in enumerate(images):
         grid.paste(img, ((i % cols) * w, (i // cols) * h))
     return grid
+
+
+def load_image(image: ImageInput) -> torch.Tensor:
+    """A picture (PIL image, path, list of those, or tensor) -> float32 (B, 3, H, W) in [0, 1], CPU.
+
+    Tensors must be (B, 3, H, W) or (3, H, W) with values in [0, 1]. PIL images are converted to
+    RGB (an alpha channel is dropped); EXIF orientation is applied."""
+    if isinstance(image, torch.Tensor):
+        x = image.detach().to("cpu", torch.float32)
+        x = x[None] if x.ndim == 3 else x
+        if x.ndim != 4 or x.shape[1] != 3:
+            raise ValueError(f"image tensor must have shape (B, 3, H, W) or (3, H, W) (got {tuple(image.shape)})")
+        _check_unit_range(x, "image")
+        return x
+    images = [image] if isinstance(image, (Image.Image, str, Path)) else list(image)
+    if not images:
+        raise ValueError("image list is empty")
+    tensors = [_pil_to_tensor(_open(im).convert("RGB")) for im in images]
+    if len({t.shape for t in tensors}) > 1:
+        raise ValueError(f"images differ in size ({', '.join(f'{t.shape[2]}x{t.shape[1]}' for t in tensors)}); "
+                         "resize them to one size first")
+    return torch.stack(tensors)
+
+
+def load_mask(mask: ImageInput) -> torch.Tensor:
+    """An inpainting mask -> float32 (B, 1, H, W) in [0, 1], CPU; 1 (white) = repaint, 0 (black) = keep.
+
+    PIL images (any mode) are converted to grey ("L"); tensors may be (H, W), (1, H, W) or
+    (B, 1, H, W) with values in [0, 1]. Values between 0 and 1 feather the final paste."""
+    if isinstance(mask, torch.Tensor):
+        m = mask.detach().to("cpu", torch.float32)
+        m = m[None, None] if m.ndim == 2 else m[None] if m.ndim == 3 else m
+        if m.ndim != 4 or m.shape[1] != 1:
+            raise ValueError(f"mask tensor must have shape (H, W), (1, H, W) or (B, 1, H, W) (got {tuple(mask.shape)})")
+        _check_unit_range(m, "mask")
+        return m
+    masks = [mask] if isinstance(mask, (Image.Image, str, Path)) else list(mask)
+    if not masks:
+        raise ValueError("mask list is empty")
+    tensors = [_pil_to_tensor(_open(m).convert("L")) for m in masks]
+    if len({t.shape for t in tensors}) > 1:
+        raise ValueError("masks differ in size; resize them to the image size first")
+    return torch.stack(tensors)
+
+
+def _open(image: Image.Image | str | Path) -> Image.Image:
+    if isinstance(image, Image.Image):
+        return image
+    if not isinstance(image, (str, Path)):
+        raise TypeError(f"expected a PIL image, a path or a tensor (got {type(image).__name__})")
+    path = Path(image)
+    if not path.is_file():
+        raise ValueError(f"image file not found: {path}")
+    with Image.open(path) as im:
+        return ImageOps.exif_transpose(im).copy()
+
+
+def _pil_to_tensor(image: Image.Image) -> torch.Tensor:
+    """8-bit PIL image -> float32 (C, H, W) in [0, 1]."""
+    array = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8)
+    channels = len(image.getbands())
+    return array.reshape(image.height, image.width, channels).permute(2, 0, 1).float() / 255
+
+
+def _check_unit_range(x: torch.Tensor, name: str) -> None:
+    lo, hi = float(x.min()), float(x.max())
+    if not (math.isfinite(lo) and math.isfinite(hi)) or lo < 0 or hi > 1:
+        raise ValueError(f"{name} tensor values must be in [0, 1] (got {lo:.3g} .. {hi:.3g}); "
+                         "for [-1, 1] data pass (x + 1) / 2")

@@ -1,0 +1,192 @@
+"""Our samplers against diffusers' schedulers on Stable Diffusion's schedule.
+
+The same deterministic eps model (a small fixed random conv net with a timestep input) drives both
+diffusers' loop (scale_model_input, model, step) and our sampler from the same starting point; the
+final samples and the per-step x0 estimates must agree to 1e-4 relative.
+
+State spaces differ: our samplers and diffusers' Euler schedulers hold the VE x = x0 + sigma * eps;
+DDIM and DPM-Solver hold the VP x_t = alpha_t * x, alpha_t = 1 / sqrt(sigma^2 + 1). The tests convert
+the starting point and the result between the two.
+"""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+diffusers = pytest.importorskip("diffusers")
+
+from ldm.diffusion import Denoiser, Schedule, make_betas, sample_ddim, sample_dpmpp_2m, sample_euler  # noqa: E402
+from ldm.diffusion import sample_euler_a, sigmas_from_schedule  # noqa: E402
+
+SD = {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012, "num_train_timesteps": 1000}
+SCHEDULE = Schedule.from_betas(make_betas("scaled_linear", 1000, 0.00085, 0.012))
+SHAPE = (2, 4, 8, 8)
+
+
+class EpsNet(nn.Module):
+    """A fixed random eps predictor eps(x_t, t): two convolutions and a smooth timestep embedding."""
+
+    def __init__(self):
+        super().__init__()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            self.conv_in = nn.Conv2d(4, 16, 3, padding=1)
+            self.time = nn.Linear(4, 16)
+            self.conv_out = nn.Conv2d(16, 4, 3, padding=1)
+
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor | float) -> torch.Tensor:
+        t = torch.as_tensor(t, dtype=torch.float32).reshape(-1).expand(x_t.shape[0])
+        freqs = torch.tensor([1 / 100, 1 / 250, 1 / 500, 1 / 1000])
+        emb = torch.cat([torch.sin(t[:, None] * freqs[:2]), torch.cos(t[:, None] * freqs[2:])], dim=1)  # (B, 4)
+        h = torch.tanh(self.conv_in(x_t) + self.time(emb)[:, :, None, None])
+        return 0.5 * x_t + 0.5 * self.conv_out(h)
+
+
+MODEL = EpsNet().eval()
+
+# diffusers' schedulers build numpy arrays from tensors in a way numpy 2 warns about; not ours to fix.
+pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
+
+
+def ours(sampler, x, sigmas, **kwargs):
+    """Run one of our samplers with the eps model; returns (final x, list of x0 estimates)."""
+    x0s = []
+    denoiser = Denoiser(MODEL, SCHEDULE, "eps")
+    with torch.no_grad():
+        out = sampler(denoiser, x, sigmas, callback=lambda i, x_i, d: x0s.append(d), **kwargs)
+    return out, x0s
+
+
+def theirs(scheduler, x, **step_kwargs):
+    """diffusers' sampling loop; returns (final sample, list of pred_original_sample or None)."""
+    x0s = []
+    with torch.no_grad():
+        for t in scheduler.timesteps:
+            eps = MODEL(scheduler.scale_model_input(x, t), t)
+            out = scheduler.step(eps, t, x, **step_kwargs)
+            x0s.append(getattr(out, "pred_original_sample", None))
+            x = out.prev_sample
+    return x, x0s
+
+
+def noise(seed=0):
+    return torch.randn(SHAPE, generator=torch.Generator().manual_seed(seed))
+
+
+def alpha(sigma) -> float:
+    """VP alpha_t of a VE sigma."""
+    return 1 / math.sqrt(float(sigma) ** 2 + 1)
+
+
+def assert_rel(actual, expected, tol=1e-4):
+    err = float((actual - expected).abs().max() / expected.abs().max())
+    assert err < tol, f"relative error {err:.2e} > {tol:.0e}"
+
+
+def assert_x0s(ours_x0s, their_x0s, tol=1e-4):
+    assert len(ours_x0s) == len(their_x0s)
+    for a, b in zip(ours_x0s, their_x0s):
+        assert_rel(a, b, tol)
+
+
+@pytest.mark.parametrize("spacing", ["leading", "trailing"])
+@pytest.mark.parametrize("steps", [10, 25])
+def test_ddim_matches_diffusers_ddim_with_set_alpha_to_one(spacing, steps):
+    sched = diffusers.DDIMScheduler(**SD, clip_sample=False, set_alpha_to_one=True, steps_offset=1,
+                                    timestep_spacing=spacing)
+    sched.set_timesteps(steps)
+    sigmas = sigmas_from_schedule(SCHEDULE, steps, spacing)
+    torch.testing.assert_close(sigmas[:-1], SCHEDULE.sigmas[sched.timesteps], rtol=1e-12, atol=0)
+    z = noise()  # diffusers starts from x_T = z in VP space; ours from its VE form z / alpha
+    expected, their_x0s = theirs(sched, z, eta=0.0)
+    result, our_x0s = ours(sample_ddim, z / alpha(sigmas[0]), sigmas)
+    assert_rel(result, expected)  # set_alpha_to_one: the last VP sample is x0, our VE x at sigma 0
+    assert_x0s(our_x0s, their_x0s)
+
+
+def test_ddim_ending_at_sigma_min_matches_sd_config_set_alpha_to_one_false():
+    # SD ships DDIM with set_alpha_to_one=False: the last step goes to alphas_cumprod[0] (VE sigma
+    # 0.029), not to 0. Our samplers take any decreasing sigmas, so ending the list at sigma_min
+    # reproduces it; the pipeline ends at 0 (see docs/sampling.md).
+    sched = diffusers.DDIMScheduler(**SD, clip_sample=False, set_alpha_to_one=False, steps_offset=1,
+                                    timestep_spacing="leading")
+    sched.set_timesteps(20)
+    sigmas = sigmas_from_schedule(SCHEDULE, 20, "leading")
+    sigmas[-1] = SCHEDULE.sigma_min
+    z = noise(1)
+    expected, their_x0s = theirs(sched, z, eta=0.0)
+    result, our_x0s = ours(sample_ddim, z / alpha(sigmas[0]), sigmas)
+    assert_rel(result * alpha(SCHEDULE.sigma_min), expected)  # diffusers returns the VP sample
+    assert_x0s(our_x0s, their_x0s)
+    # and with the pipeline's final sigma 0 the difference is the leftover noise of std ~0.03
+    to_zero, _ = ours(sample_ddim, z / alpha(sigmas[0]), sigmas_from_schedule(SCHEDULE, 20, "leading"))
+    assert 1e-3 < float((to_zero - expected).abs().max() / expected.abs().max()) < 0.2
+
+
+@pytest.mark.parametrize("spacing", ["leading", "trailing", "linspace"])
+def test_euler_matches_diffusers_euler_discrete(spacing):
+    steps = 10  # with linspace, (T - 1) / (n - 1) = 111: integer timesteps, where sigma interpolation agrees
+    sched = diffusers.EulerDiscreteScheduler(**SD, steps_offset=1, timestep_spacing=spacing)
+    sched.set_timesteps(steps)
+    sigmas = sigmas_from_schedule(SCHEDULE, steps, spacing)
+    torch.testing.assert_close(sigmas.float(), sched.sigmas, rtol=5e-5, atol=0)  # theirs: float32 alphas_cumprod
+    x = noise(2) * sched.init_noise_sigma  # sigma_max, or sqrt(sigma_max^2 + 1) for leading
+    expected, their_x0s = theirs(sched, x)
+    result, our_x0s = ours(sample_euler, x, sigmas)
+    assert_rel(result, expected)
+    assert_x0s(our_x0s, their_x0s)
+
+
+def test_euler_linspace_with_fractional_timesteps_differs_only_by_sigma_interpolation():
+    # 25 steps: timesteps 999, 957.375, ... are fractional. diffusers interpolates sigma linearly
+    # between grid points, we interpolate log-sigma: the sigmas differ by ~2e-5 relative (sigma
+    # changes by under 1% per timestep, so the two interpolations nearly agree), the samples by less.
+    sched = diffusers.EulerDiscreteScheduler(**SD, timestep_spacing="linspace")
+    sched.set_timesteps(25)
+    sigmas = sigmas_from_schedule(SCHEDULE, 25, "linspace")
+    sigma_err = float(((sigmas[:-1] - sched.sigmas[:-1].double()) / sched.sigmas[:-1].double()).abs().max())
+    assert 1e-6 < sigma_err < 1e-4
+    x = noise(3) * sched.init_noise_sigma
+    expected, their_x0s = theirs(sched, x)
+    result, our_x0s = ours(sample_euler, x, sigmas)
+    assert_rel(result, expected)
+    assert_x0s(our_x0s, their_x0s)
+
+
+@pytest.mark.parametrize("spacing", ["leading", "trailing"])
+def test_euler_ancestral_matches_diffusers_with_the_same_generator(spacing):
+    sched = diffusers.EulerAncestralDiscreteScheduler(**SD, steps_offset=1, timestep_spacing=spacing)
+    sched.set_timesteps(15)
+    sigmas = sigmas_from_schedule(SCHEDULE, 15, spacing)
+    x = noise(4) * sched.init_noise_sigma
+    expected, their_x0s = theirs(sched, x, generator=torch.Generator().manual_seed(7))
+    result, our_x0s = ours(sample_euler_a, x, sigmas, generator=torch.Generator().manual_seed(7))
+    assert_rel(result, expected)
+    assert_x0s(our_x0s, their_x0s)
+
+
+@pytest.mark.parametrize("steps", [10, 20])
+def test_dpmpp_2m_matches_diffusers_dpm_solver_multistep(steps):
+    sched = diffusers.DPMSolverMultistepScheduler(**SD, algorithm_type="dpmsolver++", solver_order=2,
+                                                  timestep_spacing="trailing")
+    sched.set_timesteps(steps)
+    sigmas = sigmas_from_schedule(SCHEDULE, steps, "trailing")
+    torch.testing.assert_close(sigmas.float(), sched.sigmas, rtol=5e-5, atol=0)  # theirs: float32 alphas_cumprod
+    z = noise(5)  # VP state, init_noise_sigma 1
+    expected, _ = theirs(sched, z)
+    result, _ = ours(sample_dpmpp_2m, z / alpha(sigmas[0]), sigmas)
+    assert_rel(result, expected)
+
+
+def test_euler_karras_matches_diffusers_euler_with_karras_sigmas():
+    sched = diffusers.EulerDiscreteScheduler(**SD, use_karras_sigmas=True)  # default linspace: full sigma range
+    sched.set_timesteps(12)
+    sigmas = sigmas_from_schedule(SCHEDULE, 12, "karras")
+    torch.testing.assert_close(sigmas.float(), sched.sigmas, rtol=5e-5, atol=0)
+    x = noise(6) * sched.init_noise_sigma
+    expected, their_x0s = theirs(sched, x)
+    result, our_x0s = ours(sample_euler, x, sigmas)
+    assert_rel(result, expected)
+    assert_x0s(our_x0s, their_x0s)
