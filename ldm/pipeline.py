@@ -21,7 +21,7 @@ from PIL import Image, ImageOps
 from torch import nn
 from tqdm.auto import tqdm
 
-from .checkpoint import load_state_strict, read_model_file, save_model_file
+from .checkpoint import read_model_file, save_model_file
 from .config import Config, DiffusionConfig, ModelConfig, SampleConfig, load_config
 from .diffusion import (
     STOCHASTIC_SAMPLERS,
@@ -164,10 +164,46 @@ class LDMPipeline:
                 f"{path} carries no config in its metadata; pass the architecture explicitly, e.g. "
                 "LDMPipeline.from_checkpoint(path, config='configs/sd15.yaml')"
             )
-        pipe = cls.from_config(cfg)
-        for name, module in pipe.modules.items():
-            load_state_strict(module, parts[name], f"{path} [{name}]")
-        return pipe.to(device, dtype)
+        from .convert import build_pipeline_from_state
+
+        # Built on the meta device with the file's tensors assigned in place: no random init, no second copy.
+        return build_pipeline_from_state(cfg, parts, device=device, dtype=dtype)
+
+    @classmethod
+    def from_single_file(
+        cls,
+        path: str | Path,
+        *,
+        prediction_type: str | None = None,
+        config: str | Path | Config | None = None,
+        use_ema: bool = False,
+        device: str | torch.device | None = None,
+        dtype: str | torch.dtype | None = None,
+        trust_pickle: bool = False,
+    ) -> LDMPipeline:
+        """Load an original Stable Diffusion 1.x / 2.x checkpoint (.ckpt or .safetensors).
+
+        The architecture is detected from the tensors (see `pipe.load_report`); pass
+        `prediction_type="v"` for the 768-v models, which the tensors cannot reveal."""
+        from .convert import load_single_file
+
+        return load_single_file(path, prediction_type=prediction_type, config=config, use_ema=use_ema,
+                                device=device, dtype=dtype, trust_pickle=trust_pickle)
+
+    @classmethod
+    def from_diffusers(
+        cls, folder: str | Path, *, device: str | torch.device | None = None, dtype: str | torch.dtype | None = None
+    ) -> LDMPipeline:
+        """Load a diffusers Stable Diffusion folder (unet/, vae/, text_encoder/, scheduler/)."""
+        from .convert.diffusers import load_diffusers
+
+        return load_diffusers(folder, device=device, dtype=dtype)
+
+    def save_diffusers(self, folder: str | Path) -> Path:
+        """Write a folder that diffusers' StableDiffusionPipeline classes open."""
+        from .convert.diffusers import save_diffusers
+
+        return save_diffusers(self, folder)
 
     def save(self, path: str | Path) -> Path:
         """Write one .safetensors file (original SD key layout, config in the metadata), atomically."""

@@ -216,3 +216,13 @@ def test_attention_backends_give_the_same_images():
     torch.testing.assert_close(sdpa, math_path, atol=1e-4, rtol=0)
     with pytest.raises(ValueError, match="valid backends: sdpa, xformers, math"):
         p.set_attention_backend("flash")
+
+
+def test_our_file_is_an_original_layout_single_file(saved, pipe):
+    """Our model file loads through the original-checkpoint path too (its keys are SD's)."""
+    from ldm.config import load_config
+
+    q = LDMPipeline.from_single_file(saved, config=load_config(TINY, FAST))
+    for name, module in pipe.modules.items():
+        a, b = module.state_dict(), q.modules[name].state_dict()
+        assert all(torch.equal(a[k], b[k]) for k in a), name
