@@ -123,3 +123,15 @@ def load_state_strict(module: nn.Module, state: Mapping[str, torch.Tensor], what
         lines.append("  check that the config describes the same architecture as the weights")
         raise CheckpointError("\n".join(lines))
     module.load_state_dict(state, strict=True)
+
+
+def load_vae_file(path: str | Path):
+    """The autoencoder of a model file (a stage-1 VAE file or a whole model), with its config."""
+    from .models.vae import AutoencoderKL
+
+    parts, config = read_model_file(path)
+    if config is None or not parts["vae"]:
+        raise CheckpointError(f"{path} holds no VAE (no first_stage_model.* tensors with a config)")
+    vae = AutoencoderKL(config.model.vae)
+    load_state_strict(vae, parts["vae"], f"{path} [vae]")
+    return vae

@@ -222,15 +222,113 @@ class SampleConfig:
     negative_prompt: str = ""
 
 
+DATA_SOURCES = ("shapes", "shards", "latents")
+LR_SCHEDULES = ("constant", "cosine")
+MIXED_PRECISION = ("no", "bf16", "fp16")
+
+
+@dataclass
+class DataConfig:
+    """Where training images come from. `shapes` (the built-in rendered dataset) needs no files."""
+
+    source: str = "shapes"  # "shapes" | "shards" (image+caption webdataset) | "latents" (cached latents)
+    urls: str = ""  # shards: a directory, a file, a brace pattern or a `pipe:` command
+    resolution: int = 64
+    caption_dropout: float = 0.1  # fraction of captions replaced by "" so the model learns p(x) for CFG
+    shapes_max_objects: int = 1
+    shuffle_buffer: int = 1000
+    num_workers: int = 2
+    epoch_length: int = 1000  # shards/latents: batches per rank per pass (equal on every rank)
+    random_crop: bool = False
+    heldout_size: int = 256  # held-out samples for evaluation (shapes: a disjoint split)
+
+    def validate(self) -> None:
+        if self.source not in DATA_SOURCES:
+            raise ConfigError(f"data.source must be one of {DATA_SOURCES} (got {self.source!r})")
+        if self.source != "shapes" and not self.urls:
+            raise ConfigError(f"data.source={self.source!r} needs data.urls (a shard directory, file or pattern)")
+        if not 0 <= self.caption_dropout < 1:
+            raise ConfigError(f"data.caption_dropout must be in [0, 1) (got {self.caption_dropout})")
+        if self.resolution < 8:
+            raise ConfigError(f"data.resolution must be >= 8 (got {self.resolution})")
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation and bookkeeping, shared by the VAE (stage 1) and LDM (stage 2) trainers."""
+
+    output_dir: str = "runs/model"
+    steps: int = 1000  # optimizer steps
+    batch_size: int = 16  # per device, per micro-batch
+    grad_accum: int = 1
+    lr: float = 1e-4
+    weight_decay: float = 0.01
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    warmup_steps: int = 100
+    lr_schedule: str = "cosine"  # "cosine" (to 0 at `steps`) | "constant" (after warm-up)
+    max_grad_norm: float = 1.0  # 0 disables clipping
+    mixed_precision: str = "no"  # "no" | "bf16" | "fp16"
+    ema_decay: float = 0.999  # 0 disables EMA
+    seed: int = 0
+    min_snr_gamma: float | None = None  # Min-SNR-gamma loss weighting (5 is typical)
+    offset_noise: float = 0.0  # std of per-channel offset noise (0.05-0.1 helps very dark/bright images)
+    max_bad_steps: int = 20  # stop after this many consecutive non-finite losses
+    log_every: int = 10
+    sample_every: int = 500  # 0 disables sample grids
+    save_every: int = 500  # training-state checkpoints
+    keep_states: int = 2
+    sample_prompts: tuple[str, ...] = ()
+    sample_steps: int = 20
+    sample_cfg: float = 7.5
+    init_from: str = ""  # a model file whose U-Net and text encoder weights start the run (fine-tuning)
+    vae_checkpoint: str = ""  # LDM training: the stage-1 VAE file; trained first from `vae_config` if missing
+    vae_config: str = ""
+    log_with: str = "tensorboard"  # "tensorboard" | "wandb" | "none"
+
+    def validate(self) -> None:
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ConfigError(f"train.lr_schedule must be one of {LR_SCHEDULES} (got {self.lr_schedule!r})")
+        if self.mixed_precision not in MIXED_PRECISION:
+            raise ConfigError(f"train.mixed_precision must be one of {MIXED_PRECISION} (got {self.mixed_precision!r})")
+        for name in ("steps", "batch_size", "grad_accum", "log_every", "keep_states"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"train.{name} must be >= 1 (got {getattr(self, name)})")
+        if not 0 <= self.ema_decay < 1:
+            raise ConfigError(f"train.ema_decay must be in [0, 1) (got {self.ema_decay})")
+        if self.log_with not in ("tensorboard", "wandb", "none"):
+            raise ConfigError(f"train.log_with must be tensorboard, wandb or none (got {self.log_with!r})")
+
+
+@dataclass
+class VAELossConfig:
+    """Stage-1 losses: L1 + KL + patch-GAN (+ LPIPS when its weights are available locally)."""
+
+    # The reconstruction term is a per-pixel mean, so the original code's 1e-6 (on a per-image sum)
+    # corresponds to 1e-6 / (3 H W) here; 1e-8 keeps the KL a small regulariser at 32-256 px.
+    kl_weight: float = 1e-8
+    disc_start: int = 2000  # the discriminator joins after this many steps
+    disc_weight: float = 0.5
+    disc_lr: float = 1e-4
+    disc_layers: int = 3
+    disc_channels: int = 64
+    lpips_weight: float = 1.0
+    lpips_weights: str = ""  # a local file with VGG16 + LPIPS weights; empty: LPIPS off (reported)
+
+
 @dataclass
 class Config:
     """A whole config file."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    vae_loss: VAELossConfig = field(default_factory=VAELossConfig)
 
     def validate(self) -> None:
         self.model.validate()
+        self.data.validate()
+        self.train.validate()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -366,6 +464,11 @@ def _convert(tp: Any, value: Any, where: str) -> Any:
             raise ConfigError(f"{where} must be an integer (got {value!r})")
         return value
     if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads `1e-3` (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{where} must be a number (got {value!r})")
         return float(value)

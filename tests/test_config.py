@@ -37,10 +37,11 @@ def test_public_architectures():
 def test_overrides_are_parsed_as_yaml_values():
     cfg = load_config(
         ROOT / "configs/sd_tiny.yaml",
-        ["model.unet.model_channels=32", "sample.cfg=3.5", "model.unet.channel_mult=[1, 2, 2]", "sample.negative_prompt=blurry"],
+        ["model.unet.model_channels=32", "sample.cfg=3.5", "train.lr=1e-3", "model.unet.channel_mult=[1, 2, 2]", "sample.negative_prompt=blurry"],
     )
     assert cfg.model.unet.model_channels == 32
     assert cfg.sample.cfg == 3.5
+    assert cfg.train.lr == 0.001  # YAML 1.1 reads 1e-3 as a string; float fields accept it
     assert cfg.model.unet.channel_mult == (1, 2, 2)
     assert cfg.sample.negative_prompt == "blurry"
 

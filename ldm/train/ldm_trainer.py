@@ -1,0 +1,282 @@
+"""Stage 2: train the U-Net (and optionally the text encoder) on VAE latents.
+
+Reads as a loop: build, resume, then per step draw a batch, encode it to latents, noise it at
+random timesteps, predict, and step the optimizer; every so often log, draw samples and save
+an atomic training state. The final export is an inference model file with the EMA weights.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from ..checkpoint import load_state_strict, load_vae_file, read_model_file
+from ..config import Config, to_dict
+from ..diffusion import Schedule, diffusion_loss, q_sample
+from ..models import build_models
+from ..pipeline import LDMPipeline, make_grid
+from .checkpoint import find_latest_state, load_training_state, save_training_state
+from .ema import EMA
+from .loop import (
+    BadLossGuard,
+    Interrupt,
+    Throughput,
+    caption_keep_mask,
+    make_accelerator,
+    make_lr_scheduler,
+    make_optimizer,
+    shapes_batches,
+    step_generator,
+)
+
+DEFAULT_PROMPTS = (
+    "a large red circle in the center on a white background",
+    "a small blue square at the top left on a white background",
+    "a large green triangle at the bottom right on a white background",
+    "a small yellow circle on the right on a black background",
+)
+
+
+class LDMTrainer:
+    """Owns one stage-2 run: models, optimizer, EMA, data position, and the output directory."""
+
+    def __init__(self, cfg: Config, *, resume: bool = False):
+        self.cfg = cfg
+        t = cfg.train
+        self.out = Path(t.output_dir)
+        self.accelerator = make_accelerator(t, str(self.out))
+        acc = self.accelerator
+
+        # The VAE is fixed in stage 2 and defines the latent space (and its scaling factor).
+        if not t.vae_checkpoint:
+            raise ValueError("train.vae_checkpoint is empty: stage 2 needs a trained VAE file")
+        self.vae = load_vae_file(t.vae_checkpoint).to(acc.device).eval().requires_grad_(False)
+        cfg.model.vae = self.vae.cfg
+        cfg.validate()
+
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(t.seed)
+            unet, _, text_encoder = build_models(cfg.model)
+        if t.init_from:  # fine-tuning: start from a model file's weights (the architecture must match)
+            parts, _ = read_model_file(t.init_from)
+            load_state_strict(unet, parts["unet"], f"{t.init_from} [unet]")
+            load_state_strict(text_encoder, parts["text_encoder"], f"{t.init_from} [text_encoder]")
+        unet.set_gradient_checkpointing(cfg.model.unet.gradient_checkpointing)
+        self.train_text = cfg.model.text_encoder.trainable
+        self.schedule = Schedule.from_config(cfg.model.diffusion)
+        params = list(unet.parameters()) + (list(text_encoder.parameters()) if self.train_text else [])
+        optimizer = make_optimizer(params, t)
+        self.ema = {"unet": EMA(unet, t.ema_decay)} if t.ema_decay > 0 else {}
+        if self.ema and self.train_text:
+            self.ema["text_encoder"] = EMA(text_encoder, t.ema_decay)
+        self.step = 0
+        self.bad = BadLossGuard(t.max_bad_steps)
+        self.loader = None  # the shard loader, whose position is saved with the training state
+        self.data_state = None
+
+        state = find_latest_state(self.out) if resume else None
+        if resume and state is None:
+            acc.print(f"--resume: no training state in {self.out}; starting from step 0")
+        if state is not None:
+            weights, trainer, meta = load_training_state(state)
+            load_state_strict(unet, weights["unet"], f"{state} [unet]")
+            load_state_strict(text_encoder, weights["text_encoder"], f"{state} [text_encoder]")
+            for name, ema in self.ema.items():
+                ema.load_state_dict(trainer["ema"][name])
+            self.step = meta["step"]
+            self.bad.total = meta.get("bad_steps", 0)
+            self.data_state = meta["data_position"].get("loader")
+
+        # A frozen text encoder has nothing for DDP to synchronise: only trained modules are wrapped.
+        text_encoder = text_encoder.to(acc.device)
+        if self.train_text:
+            unet, text_encoder, optimizer = acc.prepare(unet, text_encoder, optimizer)
+        else:
+            unet, optimizer = acc.prepare(unet, optimizer)
+        scheduler = make_lr_scheduler(optimizer, t)
+        if state is not None:
+            # After the scheduler exists: its constructor resets the learning rate that this restores.
+            optimizer.load_state_dict(trainer["optimizer"])
+            scheduler.load_state_dict(trainer["scheduler"])
+            acc.print(f"resumed from {state} at step {self.step}")
+        self.unet, self.text_encoder, self.optimizer, self.scheduler = unet, text_encoder, optimizer, scheduler
+        self.prompts = list(t.sample_prompts) or list(DEFAULT_PROMPTS)
+
+    # ------------------------------------------------------------------------------------------
+
+    def batches(self):
+        """Micro-batches from the current step on: built-in data, image shards or latent shards."""
+        t, d, acc = self.cfg.train, self.cfg.data, self.accelerator
+        if d.source == "shapes":
+            return shapes_batches(d, t.batch_size, self.step, t.grad_accum, acc.process_index, acc.num_processes, t.seed)
+        from ..data.shards import make_image_text_loader, make_latent_loader
+
+        common = dict(batch_size=t.batch_size, num_workers=d.num_workers, shuffle_buffer=d.shuffle_buffer, seed=t.seed,
+                      epoch_length=d.epoch_length, rank=acc.process_index, world_size=acc.num_processes)
+        if d.source == "shards":
+            self.loader = make_image_text_loader(d.urls, resolution=d.resolution, random_crop=d.random_crop, **common)
+        else:
+            self.loader = make_latent_loader(d.urls, **common)
+        if self.data_state is not None:
+            self.loader.load_state_dict(self.data_state)
+
+        def forever():
+            while True:
+                yield from self.loader  # the loader moves to the next epoch by itself
+
+        return forever()
+
+    def loss(self, batch: dict, step: int, micro: int) -> torch.Tensor:
+        """Denoising loss of one micro-batch; all randomness from the (seed, step, rank) generator."""
+        cfg, acc = self.cfg, self.accelerator
+        g = step_generator(cfg.train.seed, step, acc.process_index, stream=micro)
+        if "latent" in batch:  # cached posterior means (tools/cache_latents.py)
+            z = batch["latent"].to(acc.device).float() * self.vae.scaling_factor
+        else:
+            with torch.no_grad():
+                posterior = self.vae.encode(batch["image"].to(acc.device))
+                eps = torch.randn(posterior.mean.shape, generator=g).to(acc.device)
+                z = (posterior.mean + posterior.std * eps) * self.vae.scaling_factor
+        b = z.shape[0]
+        t = torch.randint(0, self.schedule.num_timesteps, (b,), generator=g).to(acc.device)
+        noise = torch.randn(z.shape, generator=g).to(acc.device)
+        if cfg.train.offset_noise > 0:  # per-channel offsets let the model shift overall brightness
+            noise = noise + cfg.train.offset_noise * torch.randn(b, z.shape[1], 1, 1, generator=g).to(acc.device)
+        keep = caption_keep_mask(b, cfg.data.caption_dropout, g)
+        x_t = q_sample(z, t, noise, self.schedule)
+        if "context" in batch and not self.train_text:  # cached embeddings of a frozen text encoder
+            with torch.no_grad():
+                empty = self.text_encoder([""]).to(acc.device)
+            context = torch.where(keep.to(acc.device)[:, None, None], batch["context"].to(acc.device), empty)
+        else:
+            captions = [c if k else "" for c, k in zip(batch["caption"], keep.tolist())]
+            with torch.set_grad_enabled(self.train_text):
+                context = self.text_encoder(captions)
+        pred = self.unet(x_t, t, context)
+        return diffusion_loss(
+            pred.float(), z, noise, t, self.schedule, cfg.model.diffusion.prediction_type, cfg.train.min_snr_gamma
+        )
+
+    def train(self, until: int | None = None) -> Path:
+        """Run to `train.steps` and export the inference model file (returned). With `until`, stop
+        after that step with a saved state, as an interrupt would (a later run resumes from it)."""
+        cfg, acc = self.cfg, self.accelerator
+        t = cfg.train
+        if acc.is_main_process:
+            acc.init_trackers("ldm", config={"config": json.dumps(to_dict(cfg))})
+        data = self.batches()
+        images_per_step = t.batch_size * t.grad_accum * acc.num_processes
+        speed = Throughput()
+        bar = tqdm(total=t.steps, initial=self.step, desc="ldm", disable=not acc.is_main_process, dynamic_ncols=True)
+        self.unet.train()
+        self.text_encoder.train()
+        with Interrupt() as interrupt:
+            stop = t.steps if until is None else min(until, t.steps)
+            while self.step < stop and not interrupt.requested:
+                step = self.step
+                total = torch.zeros((), device=acc.device)
+                for micro in range(t.grad_accum):
+                    batch = next(data)
+                    with acc.accumulate(self.unet):
+                        loss = self.loss(batch, step, micro)
+                        acc.backward(loss)  # accelerate divides by grad_accum
+                        total += loss.detach() / t.grad_accum
+                loss_value = acc.reduce(total, reduction="mean")
+                if self.bad.check(loss_value, step):
+                    if t.max_grad_norm > 0:
+                        acc.clip_grad_norm_(self._params(), t.max_grad_norm)
+                    self.optimizer.step()
+                    for name, ema in self.ema.items():
+                        ema.update(acc.unwrap_model(getattr(self, name)))
+                self.optimizer.zero_grad(set_to_none=True)
+                self.scheduler.step()
+                self.step += 1
+                rate = speed.update(images_per_step)
+                if acc.is_main_process:
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{loss_value.item():.4f}", img_s=f"{rate:.1f}", refresh=False)
+                if self.step % t.log_every == 0:
+                    acc.log({"loss": loss_value.item(), "lr": self.scheduler.get_last_lr()[0],
+                             "images_per_s": rate, "bad_steps": self.bad.total}, step=self.step)
+                if t.sample_every and self.step % t.sample_every == 0:
+                    self.sample_grid()
+                if self.step % t.save_every == 0:
+                    self.save_state()
+        bar.close()
+        self.save_state()
+        if self.step < t.steps:
+            acc.print(f"stopped at step {self.step} of {t.steps}; continue with --resume")
+            acc.end_training()
+            return self.out / "model.safetensors"
+        path = self.export()
+        acc.end_training()
+        return path
+
+    def _params(self):
+        params = list(self.unet.parameters())
+        return params + list(self.text_encoder.parameters()) if self.train_text else params
+
+    # ------------------------------------------------------------------------------------------
+
+    def save_state(self) -> None:
+        acc = self.accelerator
+        acc.wait_for_everyone()
+        if not acc.is_main_process:
+            return
+        weights = {
+            "unet": acc.unwrap_model(self.unet).state_dict(),
+            "text_encoder": acc.unwrap_model(self.text_encoder).state_dict(),
+        }
+        trainer = {
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "ema": {name: ema.state_dict() for name, ema in self.ema.items()},
+        }
+        position = {"source": self.cfg.data.source, "step": self.step}
+        if self.loader is not None:
+            position["loader"] = self.loader.state_dict()
+        meta = {"data_position": position, "bad_steps": self.bad.total}
+        save_training_state(
+            self.out, self.step, weights, trainer, meta, json.dumps(to_dict(self.cfg), indent=2), self.cfg.train.keep_states
+        )
+
+    def inference_pipeline(self) -> LDMPipeline:
+        """A pipeline on the EMA weights (the trained ones when EMA is off), on this device."""
+        acc = self.accelerator
+        unet, _, text_encoder = build_models(self.cfg.model)
+        for name, module in (("unet", unet), ("text_encoder", text_encoder)):
+            trained = acc.unwrap_model(getattr(self, name))
+            state = self.ema[name].state_dict_for(trained) if name in self.ema else trained.state_dict()
+            module.load_state_dict(state)
+        pipe = LDMPipeline(self.vae, unet, text_encoder, self.cfg.model.diffusion, defaults=self.cfg.sample)
+        return pipe.to(acc.device)
+
+    def sample_grid(self) -> Path | None:
+        acc = self.accelerator
+        if not acc.is_main_process:
+            return None
+        t = self.cfg.train
+        pipe = self.inference_pipeline()
+        images = pipe.generate(
+            self.prompts, steps=t.sample_steps, cfg=t.sample_cfg, seed=0, sampler="dpmpp_2m", progress=False,
+            height=self.cfg.data.resolution, width=self.cfg.data.resolution,
+        )
+        path = self.out / "samples" / f"step-{self.step:08d}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        make_grid(images, cols=math.ceil(math.sqrt(len(images)))).save(path)
+        self.unet.train()
+        return path
+
+    def export(self) -> Path:
+        """The final inference model file (EMA weights), loadable by LDMPipeline.from_checkpoint."""
+        acc = self.accelerator
+        path = self.out / "model.safetensors"
+        if acc.is_main_process:
+            self.inference_pipeline().save(path)
+            acc.print(f"exported {path}")
+        acc.wait_for_everyone()
+        return path

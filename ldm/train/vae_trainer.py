@@ -1,0 +1,342 @@
+"""Stage 1: train the KL autoencoder (with a patch discriminator from `disc_start` on).
+
+Reads as a loop: build, resume, then per step draw a batch, encode it, sample the posterior with
+the step's own noise, decode, and step the autoencoder's optimizer (and the discriminator's once
+it is active); every so often log, save reconstructions and an atomic training state. At the end
+the held-out PSNR and the latent scaling factor are measured and the VAE (EMA weights) exported
+as a model file that `load_vae_file` reads and stage 2 trains on.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import math
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..checkpoint import load_state_strict, save_model_file
+from ..config import Config, DataConfig, to_dict
+from ..models.vae import AutoencoderKL, DiagonalGaussian
+from ..pipeline import make_grid, to_pil
+from .checkpoint import find_latest_state, load_training_state, save_training_state
+from .ema import EMA
+from .loop import (
+    BadLossGuard,
+    Interrupt,
+    Throughput,
+    make_accelerator,
+    make_lr_scheduler,
+    make_optimizer,
+    shapes_batches,
+    step_generator,
+)
+from .vae_loss import PatchDiscriminator, VAELoss, lpips_from_config
+
+# GAN practice (and the original autoencoder training): a short memory for the first moment.
+DISC_BETAS = (0.5, 0.9)
+SAMPLE_IMAGES = 8  # held-out images shown in each reconstruction grid
+
+
+class Autoencode(nn.Module):
+    """x -> (reconstruction, posterior), with the posterior sampled using the given noise.
+
+    The trained module: wrapping encode + decode in one `forward` lets accelerate apply mixed
+    precision and DDP gradient synchronisation to the whole pass."""
+
+    def __init__(self, vae: AutoencoderKL) -> None:
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, images: torch.Tensor, noise: torch.Tensor) -> tuple[torch.Tensor, DiagonalGaussian]:
+        posterior = self.vae.encode(images)
+        z = posterior.mean + posterior.std * noise.to(posterior.mean.dtype)  # (B, embed_dim, H/f, W/f)
+        return self.vae.decode(z), posterior
+
+
+def latent_shape(vae: AutoencoderKL, images: torch.Tensor) -> tuple[int, ...]:
+    b, _, h, w = images.shape
+    f = vae.downsample_factor
+    return (b, vae.cfg.embed_dim, h // f, w // f)
+
+
+def heldout_images(data: DataConfig, seed: int) -> torch.Tensor:
+    """The first `data.heldout_size` images of the held-out split: (N, 3, H, W) in [-1, 1]."""
+    if data.source != "shapes":
+        raise NotImplementedError(f"held-out evaluation for data.source={data.source!r} is not wired yet; use 'shapes'")
+    if data.heldout_size < 1:
+        raise ValueError(f"data.heldout_size must be >= 1 to measure the VAE (got {data.heldout_size})")
+    from ..data.shapes import ShapesDataset
+
+    dataset = ShapesDataset(data.resolution, data.heldout_size, seed, data.shapes_max_objects, split="heldout")
+    return torch.stack([dataset[i]["image"] for i in range(len(dataset))])
+
+
+@torch.no_grad()
+def reconstruct(vae: AutoencoderKL, images: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """Decode the posterior means of `images` (on the VAE's device), clamped to [-1, 1], on the CPU."""
+    device = next(vae.parameters()).device
+    out = [vae.decode(vae.encode(x.to(device)).mean).float().clamp(-1, 1).cpu() for x in images.split(batch_size)]
+    return torch.cat(out)
+
+
+def psnr(images: torch.Tensor, recon: torch.Tensor) -> float:
+    """Mean over images of the PSNR in dB of [0, 1] images, from tensors in [-1, 1]."""
+    mse = ((images.float() - recon.float()) / 2).pow(2).mean(dim=(1, 2, 3))  # [-1, 1] -> [0, 1] halves errors
+    return (10 * torch.log10(1.0 / mse.clamp_min(1e-10))).mean().item()
+
+
+@torch.no_grad()
+def latent_scaling_factor(vae: AutoencoderKL, images: torch.Tensor, batch_size: int, seed: int = 0) -> float:
+    """1 / std of posterior samples over `images` (all latent elements pooled).
+
+    Samples, not means: stage 2 diffuses posterior samples (as Stable Diffusion did when it measured
+    0.18215), so these are what should have unit variance. The noise is seeded, so the value is
+    reproducible; with a trained VAE the posterior std is small and means give nearly the same value.
+    """
+    device = next(vae.parameters()).device
+    g = torch.Generator().manual_seed(seed)
+    latents = []
+    for x in images.split(batch_size):
+        posterior = vae.encode(x.to(device))
+        noise = torch.randn(posterior.mean.shape, generator=g).to(device)
+        latents.append((posterior.mean + posterior.std * noise).float().cpu())
+    std = torch.cat(latents).std().item()
+    if not (math.isfinite(std) and std > 0):
+        raise FloatingPointError(f"the VAE's latents have std {std}; the run diverged, train again with a lower lr")
+    return 1.0 / std
+
+
+class VAETrainer:
+    """Owns one stage-1 run: autoencoder, discriminator, their optimizers, EMA, and the output directory."""
+
+    def __init__(self, cfg: Config, *, resume: bool = False):
+        self.cfg = cfg
+        t, lc = cfg.train, cfg.vae_loss
+        self.out = Path(t.output_dir)
+        self.accelerator = make_accelerator(t, str(self.out))
+        acc = self.accelerator
+
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(t.seed)
+            vae = AutoencoderKL(cfg.model.vae)
+            disc = PatchDiscriminator(cfg.model.vae.out_channels, lc.disc_channels, lc.disc_layers)
+        optimizer = make_optimizer(list(vae.parameters()), t)
+        disc_opt_cfg = dataclasses.replace(t, adam_betas=DISC_BETAS, weight_decay=0.0)
+        disc_optimizer = make_optimizer(list(disc.parameters()), disc_opt_cfg, lr=lc.disc_lr)
+        self.ema = EMA(vae, t.ema_decay) if t.ema_decay > 0 else None
+        self.step = 0
+        self.bad = BadLossGuard(t.max_bad_steps)
+
+        lpips, self.lpips_status = lpips_from_config(lc)
+        acc.print(self.lpips_status)
+        self.objective = VAELoss(lc, lpips.to(acc.device) if lpips is not None else None)
+
+        state = find_latest_state(self.out) if resume else None
+        if resume and state is None:
+            acc.print(f"--resume: no training state in {self.out}; starting from step 0")
+        if state is not None:
+            weights, trainer, meta = load_training_state(state)
+            load_state_strict(vae, weights["vae"], f"{state} [vae]")
+            load_state_strict(disc, weights["disc"], f"{state} [disc]")
+            if self.ema is not None:
+                self.ema.load_state_dict(trainer["ema"])
+            self.step = meta["step"]
+            self.bad.total = meta.get("bad_steps", 0)
+
+        model, disc, optimizer, disc_optimizer = acc.prepare(Autoencode(vae), disc, optimizer, disc_optimizer)
+        scheduler = make_lr_scheduler(optimizer, t)
+        if state is not None:
+            # After the scheduler exists: its constructor resets the learning rate that this restores.
+            optimizer.load_state_dict(trainer["optimizer"])
+            disc_optimizer.load_state_dict(trainer["disc_optimizer"])
+            scheduler.load_state_dict(trainer["scheduler"])
+            acc.print(f"resumed from {state} at step {self.step}")
+        self.model, self.disc, self.optimizer, self.disc_optimizer = model, disc, optimizer, disc_optimizer
+        self.scheduler = scheduler
+        self._heldout: torch.Tensor | None = None
+
+    @property
+    def vae(self) -> AutoencoderKL:
+        """The trained autoencoder (not its EMA)."""
+        return self.accelerator.unwrap_model(self.model).vae
+
+    # ------------------------------------------------------------------------------------------
+
+    def batches(self):
+        t, d, acc = self.cfg.train, self.cfg.data, self.accelerator
+        if d.source == "shapes":
+            return shapes_batches(d, t.batch_size, self.step, t.grad_accum, acc.process_index, acc.num_processes, t.seed)
+        raise NotImplementedError(
+            f"data.source={d.source!r} is not wired into the VAE trainer yet; use data.source=shapes"
+        )
+
+    def losses(self, batch: dict, step: int, micro: int) -> tuple[torch.Tensor, torch.Tensor | None, dict]:
+        """(autoencoder loss, discriminator loss or None before disc_start, logs) of one micro-batch;
+        the posterior noise comes from the (seed, step, rank, micro) generator."""
+        acc = self.accelerator
+        g = step_generator(self.cfg.train.seed, step, acc.process_index, stream=micro)
+        images = batch["image"].to(acc.device)
+        noise = torch.randn(latent_shape(self.vae, images), generator=g).to(acc.device)
+        recon, posterior = self.model(images, noise)
+        if not self.objective.disc_active(step):
+            loss, logs = self.objective.generator(images, recon, posterior, None, None)
+            return loss, None, logs
+        # D(recon) with the discriminator's weights detached: gradients reach the autoencoder only.
+        disc = acc.unwrap_model(self.disc)
+        frozen = {k: v.detach() for k, v in disc.named_parameters()}
+        logits_fake = torch.func.functional_call(disc, frozen, (recon,))
+        last_layer = self.vae.decoder.conv_out.weight
+        loss, logs = self.objective.generator(images, recon, posterior, logits_fake, last_layer)
+        # Real and fake in one call (one DDP forward per backward); GroupNorm keeps samples independent.
+        logits_real, logits_fake_d = self.disc(torch.cat([images, recon.detach()])).chunk(2)
+        d_loss, d_logs = self.objective.discriminator(logits_real, logits_fake_d)
+        return loss, d_loss, {**logs, **d_logs}
+
+    def train(self, until: int | None = None) -> Path:
+        """Run to `train.steps`, evaluate and export the VAE file (returned). With `until`, stop after
+        that step with a saved state, as an interrupt would (a later run resumes from it)."""
+        cfg, acc = self.cfg, self.accelerator
+        t = cfg.train
+        if acc.is_main_process:
+            acc.init_trackers("vae", config={"config": json.dumps(to_dict(cfg))})
+        data = self.batches()
+        images_per_step = t.batch_size * t.grad_accum * acc.num_processes
+        speed = Throughput()
+        bar = tqdm(total=t.steps, initial=self.step, desc="vae", disable=not acc.is_main_process, dynamic_ncols=True)
+        self.model.train()
+        self.disc.train()
+        with Interrupt() as interrupt:
+            stop = t.steps if until is None else min(until, t.steps)
+            while self.step < stop and not interrupt.requested:
+                step = self.step
+                disc_on = self.objective.disc_active(step)
+                total = torch.zeros((), device=acc.device)
+                d_total = torch.zeros((), device=acc.device)
+                logs: dict[str, float] = {}
+                for micro in range(t.grad_accum):
+                    batch = next(data)
+                    with acc.accumulate(self.model, self.disc):
+                        loss, d_loss, parts = self.losses(batch, step, micro)
+                        acc.backward(loss)  # accelerate divides by grad_accum
+                        total += loss.detach() / t.grad_accum
+                        if d_loss is not None:
+                            acc.backward(d_loss)
+                            d_total += d_loss.detach() / t.grad_accum
+                    for k, v in parts.items():
+                        logs[k] = logs.get(k, 0.0) + v.item() / t.grad_accum
+                loss_value = acc.reduce(total, reduction="mean")
+                d_value = acc.reduce(d_total, reduction="mean")
+                if self.bad.check(loss_value + d_value, step):
+                    # Clip each model right before its own step: with fp16, accelerate's gradient
+                    # scaler unscales every optimizer at a clip and resets them at each step.
+                    if t.max_grad_norm > 0:
+                        acc.clip_grad_norm_(self.model.parameters(), t.max_grad_norm)
+                    self.optimizer.step()
+                    if disc_on:
+                        if t.max_grad_norm > 0:
+                            acc.clip_grad_norm_(self.disc.parameters(), t.max_grad_norm)
+                        self.disc_optimizer.step()
+                    if self.ema is not None:
+                        self.ema.update(self.vae)
+                self.optimizer.zero_grad(set_to_none=True)
+                self.disc_optimizer.zero_grad(set_to_none=True)
+                self.scheduler.step()
+                self.step += 1
+                rate = speed.update(images_per_step)
+                if acc.is_main_process:
+                    bar.update(1)
+                    post = {"loss": f"{loss_value.item():.4f}", "l1": f"{logs['l1']:.4f}", "img_s": f"{rate:.1f}"}
+                    if disc_on:
+                        post["d"] = f"{d_value.item():.3f}"
+                    bar.set_postfix(post, refresh=False)
+                if self.step % t.log_every == 0:
+                    acc.log({"loss": loss_value.item(), **logs, "lr": self.scheduler.get_last_lr()[0],
+                             "images_per_s": rate, "bad_steps": self.bad.total}, step=self.step)
+                if t.sample_every and self.step % t.sample_every == 0:
+                    self.sample_grid()
+                if self.step % t.save_every == 0:
+                    self.save_state()
+        bar.close()
+        self.save_state()
+        if self.step < t.steps:
+            acc.print(f"stopped at step {self.step} of {t.steps}; continue with --resume")
+            acc.end_training()
+            return self.out / "vae.safetensors"
+        path = self.export()
+        acc.end_training()
+        return path
+
+    # ------------------------------------------------------------------------------------------
+
+    def save_state(self) -> None:
+        acc = self.accelerator
+        acc.wait_for_everyone()
+        if not acc.is_main_process:
+            return
+        weights = {"vae": self.vae.state_dict(), "disc": acc.unwrap_model(self.disc).state_dict()}
+        trainer = {
+            "optimizer": self.optimizer.state_dict(),
+            "disc_optimizer": self.disc_optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "ema": self.ema.state_dict() if self.ema is not None else {},
+        }
+        meta = {"data_position": {"source": self.cfg.data.source, "step": self.step}, "bad_steps": self.bad.total}
+        save_training_state(
+            self.out, self.step, weights, trainer, meta, json.dumps(to_dict(self.cfg), indent=2), self.cfg.train.keep_states
+        )
+
+    def inference_vae(self) -> AutoencoderKL:
+        """A copy of the autoencoder with the EMA weights (the trained ones when EMA is off), in eval mode."""
+        vae = AutoencoderKL(self.cfg.model.vae)
+        trained = self.vae
+        vae.load_state_dict(self.ema.state_dict_for(trained) if self.ema is not None else trained.state_dict())
+        return vae.to(self.accelerator.device).eval()
+
+    def heldout(self) -> torch.Tensor:
+        if self._heldout is None:
+            self._heldout = heldout_images(self.cfg.data, self.cfg.train.seed)
+        return self._heldout
+
+    def sample_grid(self) -> Path | None:
+        """Held-out inputs beside their reconstructions (input, recon, input, recon, ...) as a PNG."""
+        acc = self.accelerator
+        if not acc.is_main_process:
+            return None
+        images = self.heldout()[:SAMPLE_IMAGES]
+        recon = reconstruct(self.inference_vae(), images, self.cfg.train.batch_size)
+        tiles = [to_pil((x + 1) / 2) for pair in zip(images, recon) for x in pair]
+        path = self.out / "samples" / f"recon-{self.step:08d}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        make_grid(tiles, cols=2 * math.ceil(math.sqrt(len(images)))).save(path)
+        return path
+
+    def export(self) -> Path:
+        """Measure held-out PSNR and the latent scaling factor, then write `vae.safetensors` (EMA
+        weights, the factor in its config) and `metrics.json`. Returns the VAE file's path."""
+        acc = self.accelerator
+        path = self.out / "vae.safetensors"
+        if acc.is_main_process:
+            vae = self.inference_vae()
+            images = self.heldout()
+            bs = self.cfg.train.batch_size
+            value = psnr(images, reconstruct(vae, images, bs))
+            factor = latent_scaling_factor(vae, images, bs, seed=self.cfg.train.seed)
+            cfg = copy.deepcopy(self.cfg)
+            cfg.model.vae.scaling_factor = factor
+            vae.cfg = cfg.model.vae
+            save_model_file(path, {"vae": vae}, cfg)
+            metrics = {"psnr": value, "scaling_factor": factor, "steps": self.step, "heldout_size": len(images)}
+            (self.out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+            acc.log({"heldout_psnr": value, "scaling_factor": factor}, step=self.step)
+            acc.print(f"held-out PSNR {value:.2f} dB on {len(images)} images; latent scaling_factor {factor:.5f}")
+            acc.print(f"exported {path}")
+            t = self.cfg.train
+            if not (t.sample_every and self.step % t.sample_every == 0):  # not drawn at this step yet
+                self.sample_grid()
+        acc.wait_for_everyone()
+        return path

@@ -1,0 +1,33 @@
+"""Run by test_two_process_training under `accelerate launch --cpu --num_processes 2`: trains a
+tiny model and writes, per rank, a digest of its final weights and the captions it trained on."""
+
+import hashlib
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from ldm.config import load_config  # noqa: E402
+from ldm.train.ldm_trainer import LDMTrainer  # noqa: E402
+
+out, overrides = Path(sys.argv[1]), sys.argv[2:]
+cfg = load_config(ROOT / "configs/sd_tiny.yaml", overrides)
+trainer = LDMTrainer(cfg)
+seen = []
+original = trainer.batches
+
+
+def recording():
+    for batch in original():
+        seen.extend(batch["caption"] if "caption" in batch else [])
+        yield batch
+
+
+trainer.batches = recording
+trainer.train()
+state = trainer.accelerator.unwrap_model(trainer.unet).state_dict()
+digest = hashlib.sha256(b"".join(state[k].numpy().tobytes() for k in sorted(state))).hexdigest()
+rank = trainer.accelerator.process_index
+(out / f"rank{rank}.json").write_text(json.dumps({"digest": digest, "captions": seen, "steps": trainer.step}))
