@@ -25,6 +25,7 @@ from .loop import (
     BadLossGuard,
     Interrupt,
     Throughput,
+    Trainer,
     caption_keep_mask,
     make_accelerator,
     make_lr_scheduler,
@@ -41,7 +42,7 @@ DEFAULT_PROMPTS = (
 )
 
 
-class LDMTrainer:
+class LDMTrainer(Trainer):
     """Owns one stage-2 run: models, optimizer, EMA, data position, and the output directory."""
 
     def __init__(self, cfg: Config, *, resume: bool = False):
@@ -199,22 +200,8 @@ class LDMTrainer:
                 if acc.is_main_process:
                     bar.update(1)
                     bar.set_postfix(loss=f"{loss_value.item():.4f}", img_s=f"{rate:.1f}", refresh=False)
-                if self.step % t.log_every == 0:
-                    acc.log({"loss": loss_value.item(), "lr": self.scheduler.get_last_lr()[0],
-                             "images_per_s": rate, "bad_steps": self.bad.total}, step=self.step)
-                if t.sample_every and self.step % t.sample_every == 0:
-                    self.sample_grid()
-                if self.step % t.save_every == 0:
-                    self.save_state()
-        bar.close()
-        self.save_state()
-        if self.step < t.steps:
-            acc.print(f"stopped at step {self.step} of {t.steps}; continue with --resume")
-            acc.end_training()
-            return self.out / "model.safetensors"
-        path = self.export()
-        acc.end_training()
-        return path
+                self.after_step({"loss": loss_value.item(), "images_per_s": rate})
+        return self.finish(bar)
 
     def _params(self):
         params = list(self.unet.parameters())

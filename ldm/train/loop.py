@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import signal
 import time
+from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Iterator
 
@@ -161,3 +162,35 @@ class BadLossGuard:
                 "lower train.lr, raise train.warmup_steps, use bf16 instead of fp16, or check the data"
             )
         return False
+
+
+class Trainer:
+    """Bookkeeping both trainers share around their own step: periodic logs, sample grids and
+    states, and the end of a run. Subclasses set cfg, accelerator, out, step, scheduler, bad and
+    EXPORT_NAME, and provide sample_grid(), save_state() and export()."""
+
+    EXPORT_NAME = "model.safetensors"
+
+    def after_step(self, logs: dict[str, float]) -> None:
+        """Call after `self.step` advanced: logs every log_every, samples every sample_every,
+        saves a state every save_every."""
+        t, acc = self.cfg.train, self.accelerator
+        if self.step % t.log_every == 0:
+            acc.log({**logs, "lr": self.scheduler.get_last_lr()[0], "bad_steps": self.bad.total}, step=self.step)
+        if t.sample_every and self.step % t.sample_every == 0:
+            self.sample_grid()
+        if self.step % t.save_every == 0:
+            self.save_state()
+
+    def finish(self, bar) -> Path:
+        """Save the final state; export when the run reached train.steps (else say how to resume)."""
+        t, acc = self.cfg.train, self.accelerator
+        bar.close()
+        self.save_state()
+        if self.step < t.steps:
+            acc.print(f"stopped at step {self.step} of {t.steps}; continue with --resume")
+            acc.end_training()
+            return self.out / self.EXPORT_NAME
+        path = self.export()
+        acc.end_training()
+        return path

@@ -29,6 +29,7 @@ from .loop import (
     BadLossGuard,
     Interrupt,
     Throughput,
+    Trainer,
     make_accelerator,
     make_lr_scheduler,
     make_optimizer,
@@ -111,8 +112,10 @@ def latent_scaling_factor(vae: AutoencoderKL, images: torch.Tensor, batch_size: 
     return 1.0 / std
 
 
-class VAETrainer:
+class VAETrainer(Trainer):
     """Owns one stage-1 run: autoencoder, discriminator, their optimizers, EMA, and the output directory."""
+
+    EXPORT_NAME = "vae.safetensors"
 
     def __init__(self, cfg: Config, *, resume: bool = False):
         self.cfg = cfg
@@ -254,22 +257,8 @@ class VAETrainer:
                     if disc_on:
                         post["d"] = f"{d_value.item():.3f}"
                     bar.set_postfix(post, refresh=False)
-                if self.step % t.log_every == 0:
-                    acc.log({"loss": loss_value.item(), **logs, "lr": self.scheduler.get_last_lr()[0],
-                             "images_per_s": rate, "bad_steps": self.bad.total}, step=self.step)
-                if t.sample_every and self.step % t.sample_every == 0:
-                    self.sample_grid()
-                if self.step % t.save_every == 0:
-                    self.save_state()
-        bar.close()
-        self.save_state()
-        if self.step < t.steps:
-            acc.print(f"stopped at step {self.step} of {t.steps}; continue with --resume")
-            acc.end_training()
-            return self.out / "vae.safetensors"
-        path = self.export()
-        acc.end_training()
-        return path
+                self.after_step({"loss": loss_value.item(), **logs, "images_per_s": rate})
+        return self.finish(bar)
 
     # ------------------------------------------------------------------------------------------
 
