@@ -28,6 +28,8 @@ PREDICTION_TYPES = ("eps", "v", "x0")
 BETA_SCHEDULES = ("linear", "scaled_linear", "cosine")
 TEXT_ENCODER_KINDS = ("hf_clip", "open_clip")
 TEXT_LAYERS = ("last", "penultimate")
+# torch.compile modes; "reduce-overhead" and "max-autotune" also capture CUDA graphs.
+COMPILE_MODES = ("default", "max-autotune-no-cudagraphs", "reduce-overhead", "max-autotune")
 
 
 @dataclass
@@ -284,8 +286,14 @@ class TrainConfig:
     vae_checkpoint: str = ""  # LDM training: the stage-1 VAE file; trained first from `vae_config` if missing
     vae_config: str = ""
     log_with: str = "tensorboard"  # "tensorboard" | "wandb" | "none"
+    channels_last: bool = False  # LDM training: U-Net weights and activations in torch.channels_last (faster on GPUs)
+    compile: str | None = None  # LDM training: torch.compile mode for the U-Net (one of COMPILE_MODES); None: eager
 
     def validate(self) -> None:
+        if self.compile is not None and self.compile not in COMPILE_MODES:
+            raise ConfigError(
+                f"train.compile must be one of {', '.join(COMPILE_MODES)} or null for eager (got {self.compile!r})"
+            )
         if self.lr_schedule not in LR_SCHEDULES:
             raise ConfigError(f"train.lr_schedule must be one of {LR_SCHEDULES} (got {self.lr_schedule!r})")
         if self.mixed_precision not in MIXED_PRECISION:

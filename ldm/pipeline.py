@@ -38,6 +38,7 @@ from .models.attention import set_attention_backend
 from .models.text import TextEncoder
 from .models.unet import UNet
 from .models.vae import AutoencoderKL
+from .speed import FastUNet, FastVAE, SpeedConfig, optimize_unet, optimize_vae, speed_config
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 MAX_SEED = 2**63 - 1
@@ -121,6 +122,9 @@ class LDMPipeline:
         self.schedule = Schedule.from_config(self.diffusion)
         for module in self.modules.values():
             module.eval()
+        # what sampling, encoding and decoding call: the plain networks until `optimize`
+        self.speed = SpeedConfig()
+        self.fast_unet, self.fast_vae = FastUNet(unet, self.speed), FastVAE(vae, self.speed)
 
     # ------------------------------------------------------------------------------------------
     # Construction, saving, loading
@@ -227,6 +231,20 @@ class LDMPipeline:
         dtype = parse_dtype(dtype) if dtype is not None else None
         for module in self.modules.values():
             module.to(device=device, dtype=dtype)
+        return self
+
+    def optimize(self, config: SpeedConfig | None = None, **switches: Any) -> LDMPipeline:
+        """Apply speed switches to the U-Net and VAE: a `SpeedConfig`, or its fields by name.
+
+        `pipe.optimize(channels_last=True, fuse_qkv=True, compile="max-autotune-no-cudagraphs")`.
+        Switches not given are off (the defaults), so `pipe.optimize()` restores the plain path.
+        generate, img2img and inpaint then use the fast modules; weights and saved files are
+        unchanged. Call it after `to()` when using cuda_graphs (see `ldm.speed`).
+        """
+        speed = speed_config(config, **switches)
+        self.fast_unet = optimize_unet(self.unet, speed)
+        self.fast_vae = optimize_vae(self.vae, speed)
+        self.speed = speed
         return self
 
     def set_attention_backend(self, name: str) -> LDMPipeline:
@@ -453,14 +471,14 @@ class LDMPipeline:
         """Images (B, 3, H, W) in [0, 1] -> scaled latents (B, C, h, w), float32 on the pipeline's device.
 
         Uses the posterior mean (deterministic; SD's posterior std is tiny next to the latents).
-        One image at a time, like decoding."""
-        latents = [self.vae.encode((2 * x[None] - 1).to(self.device, self.dtype)).mean for x in images]
-        return torch.cat(latents).float() * self.vae.scaling_factor
+        One image at a time unless vae_slicing is off, like decoding."""
+        latents = self.fast_vae.encode((2 * images - 1).to(self.device, self.dtype)).mean
+        return latents.float() * self.vae.scaling_factor
 
     @torch.inference_mode()
     def decode_latents(self, z: torch.Tensor) -> torch.Tensor:
         """Scaled latents (B, C, h, w) -> images (B, 3, H, W) in [0, 1]."""
-        x = self.vae.decode((z / self.vae.scaling_factor).to(self.dtype))
+        x = self.fast_vae.decode((z / self.vae.scaling_factor).to(self.dtype))
         return ((x.float() + 1) / 2).clamp(0, 1)
 
     # ------------------------------------------------------------------------------------------
@@ -582,7 +600,7 @@ class LDMPipeline:
         def unet(x_t: torch.Tensor, t: torch.Tensor, context: torch.Tensor, c_concat=None) -> torch.Tensor:
             if c_concat is not None:  # inpainting U-Net: extra input channels beside the noisy latents
                 x_t = torch.cat([x_t, c_concat.to(x_t.dtype)], dim=1)
-            return self.unet(x_t.to(dtype), t, context)  # sampler state stays fp32; the U-Net runs in its dtype
+            return self.fast_unet(x_t.to(dtype), t, context)  # sampler state stays fp32; the U-Net runs in its dtype
 
         denoiser = Denoiser(unet, self.schedule, self.diffusion.prediction_type)
         denoiser = CFGDenoiser(denoiser, run.cfg, run.guidance_rescale)
@@ -609,8 +627,9 @@ class LDMPipeline:
             bar.close()
 
     def _decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """Decode one image at a time (decoding is the memory peak at large sizes); float32 on the CPU."""
-        return torch.cat([self.decode_latents(z[None]) for z in latents]).float().cpu()
+        """Decode (one image at a time unless vae_slicing is off: decoding is the memory peak at large
+        sizes); float32 on the CPU."""
+        return self.decode_latents(latents).float().cpu()
 
     @staticmethod
     def _output(

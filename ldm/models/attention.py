@@ -76,29 +76,106 @@ def set_attention_backend(module: nn.Module, name: str) -> None:
 
 class CrossAttention(AttentionLayer):
     """Multi-head attention from x (B, N, query_dim) to context (B, L, context_dim); self-attention
-    when no context is given."""
+    when no context is given.
+
+    `fuse_projections` replaces to_q/to_k/to_v by one Linear `to_qkv` (self-attention) or to_k/to_v
+    by `to_kv` (cross-attention): one matmul instead of three. The state dict keeps the separate
+    `to_q`/`to_k`/`to_v` keys either way (state-dict hooks split and join the fused weight), so
+    checkpoints are unaffected; `unfuse_projections` restores the separate layers.
+    """
 
     def __init__(self, query_dim: int, context_dim: int, heads: int, dim_head: int, dropout: float = 0.0) -> None:
         super().__init__()
         inner = heads * dim_head
         self.heads = heads
+        self.fused: str | None = None  # None, "qkv" or "kv": which projections `to_qkv` / `to_kv` hold
         self.to_q = nn.Linear(query_dim, inner, bias=False)
         self.to_k = nn.Linear(context_dim, inner, bias=False)
         self.to_v = nn.Linear(context_dim, inner, bias=False)
         self.to_out = nn.Sequential(nn.Linear(inner, query_dim), nn.Dropout(dropout))
+        self.register_state_dict_post_hook(_split_fused_weight)
+        self.register_load_state_dict_pre_hook(_join_fused_weight)
+
+    def fuse_projections(self, self_attention: bool) -> None:
+        """Compute q, k, v (`self_attention`: then the layer must be called without context) or
+        k, v from the context with one Linear whose weight stacks theirs along the output dim."""
+        if self.fused is not None:
+            return
+        names = _FUSED_NAMES["qkv" if self_attention else "kv"]
+        layers = [getattr(self, n) for n in names]
+        if self_attention and self.to_q.in_features != self.to_k.in_features:
+            raise ValueError(
+                f"cannot fuse q/k/v of a cross-attention layer (query dim {self.to_q.in_features}, context dim "
+                f"{self.to_k.in_features}); fuse it with self_attention=False (k/v only)"
+            )
+        weight = torch.cat([layer.weight for layer in layers])  # (len(names) * inner, in_features)
+        fused = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device=weight.device, dtype=weight.dtype)
+        fused.weight = nn.Parameter(weight.detach(), requires_grad=layers[0].weight.requires_grad)
+        for n in names:
+            delattr(self, n)
+        self.fused = "qkv" if self_attention else "kv"
+        setattr(self, "to_" + self.fused, fused)
+        self._modules["to_out"] = self._modules.pop("to_out")  # keep to_out last, as built
+
+    def unfuse_projections(self) -> None:
+        """Undo `fuse_projections`: separate to_q, to_k, to_v layers holding the same weights."""
+        if self.fused is None:
+            return
+        fused = getattr(self, "to_" + self.fused)
+        delattr(self, "to_" + self.fused)
+        names = _FUSED_NAMES[self.fused]
+        for n, w in zip(names, fused.weight.detach().chunk(len(names))):
+            layer = nn.Linear(w.shape[1], w.shape[0], bias=False, device=w.device, dtype=w.dtype)
+            layer.weight = nn.Parameter(w.clone(), requires_grad=fused.weight.requires_grad)
+            setattr(self, n, layer)
+        self._modules["to_out"] = self._modules.pop("to_out")  # to_q, to_k, to_v, to_out: the built order
+        self.fused = None
 
     def _split_heads(self, x: torch.Tensor) -> torch.Tensor:
         b, n, _ = x.shape
         return x.reshape(b, n, self.heads, -1).transpose(1, 2)  # (B, heads, N, d)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
-        context = x if context is None else context
-        q = self._split_heads(self.to_q(x))
-        k = self._split_heads(self.to_k(context))
-        v = self._split_heads(self.to_v(context))
-        out = attention(q, k, v, self.backend)  # (B, heads, N, d)
+        if self.fused == "qkv":
+            if context is not None:
+                raise ValueError("this attention layer has fused q/k/v (self-attention only) but got a context")
+            q, k, v = self.to_qkv(x).chunk(3, dim=-1)  # (B, N, inner) each
+        else:
+            context = x if context is None else context
+            q = self.to_q(x)
+            if self.fused == "kv":
+                k, v = self.to_kv(context).chunk(2, dim=-1)  # (B, L, inner) each
+            else:
+                k, v = self.to_k(context), self.to_v(context)
+        out = attention(self._split_heads(q), self._split_heads(k), self._split_heads(v), self.backend)
         out = out.transpose(1, 2).reshape(x.shape[0], x.shape[1], -1)  # (B, N, heads * d)
         return self.to_out(out)
+
+
+_FUSED_NAMES = {"qkv": ("to_q", "to_k", "to_v"), "kv": ("to_k", "to_v")}
+
+
+def _split_fused_weight(module: CrossAttention, state: dict[str, torch.Tensor], prefix: str, _meta: dict) -> None:
+    """state_dict hook: write a fused weight as the separate to_q/to_k/to_v weights, in their order."""
+    if module.fused is None:
+        return
+    own = {k: state.pop(k) for k in [k for k in state if k.startswith(prefix)]}
+    fused = own.pop(f"{prefix}to_{module.fused}.weight")
+    names = _FUSED_NAMES[module.fused]
+    split = {f"{prefix}{n}.weight": w for n, w in zip(names, fused.chunk(len(names)))}
+    for name in ("to_q", "to_k", "to_v"):
+        key = f"{prefix}{name}.weight"
+        state[key] = split[key] if key in split else own.pop(key)
+    state.update(own)  # to_out.*
+
+
+def _join_fused_weight(module: CrossAttention, state: dict[str, torch.Tensor], prefix: str, *_args) -> None:
+    """load_state_dict pre-hook: stack separate to_q/to_k/to_v weights into the fused one."""
+    if module.fused is None:
+        return
+    keys = [f"{prefix}{n}.weight" for n in _FUSED_NAMES[module.fused]]
+    if all(k in state for k in keys):
+        state[f"{prefix}to_{module.fused}.weight"] = torch.cat([state.pop(k) for k in keys])
 
 
 class GEGLU(nn.Module):

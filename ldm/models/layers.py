@@ -31,12 +31,42 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -
 
 
 class GroupNorm32(nn.GroupNorm):
-    """GroupNorm computed in float32 whatever the input dtype; returns the input's dtype."""
+    """GroupNorm computed in float32 whatever the input dtype; returns the input's dtype.
+
+    With `fuse_silu` set (the speed switch `fused_norm_act`) it returns SiLU(GroupNorm(x)) through
+    `group_norm_silu`, and the SiLU that followed it in the model is dropped (see `norm_silu`).
+    """
+
+    fuse_silu: bool = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fuse_silu:
+            return group_norm_silu(x, self.num_groups, self.weight, self.bias, self.eps)
         weight = self.weight.float() if self.weight is not None else None
         bias = self.bias.float() if self.bias is not None else None
         return F.group_norm(x.float(), self.num_groups, weight, bias, self.eps).to(x.dtype)
+
+
+def group_norm_silu(
+    x: torch.Tensor, groups: int, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float
+) -> torch.Tensor:
+    """SiLU(GroupNorm(x)) for x (B, C, ...), returned in x's dtype; under torch.compile one kernel.
+
+    Normalises in x's own dtype where the group_norm kernel accumulates its statistics in float32
+    (every dtype on CUDA, float32 and bfloat16 on the CPU), which skips the float32 copies of x and
+    of the result; elsewhere (float16 on the CPU) it upcasts like GroupNorm32.
+    """
+    if x.is_cuda or x.dtype in (torch.float32, torch.bfloat16):
+        return F.silu(F.group_norm(x, groups, weight, bias, eps))
+    weight = weight.float() if weight is not None else None
+    bias = bias.float() if bias is not None else None
+    return F.silu(F.group_norm(x.float(), groups, weight, bias, eps)).to(x.dtype)
+
+
+def norm_silu(norm: GroupNorm32, x: torch.Tensor) -> torch.Tensor:
+    """SiLU(norm(x)), for models that apply the SiLU functionally; `norm` applies it itself when fused."""
+    y = norm(x)
+    return y if norm.fuse_silu else F.silu(y)
 
 
 def normalization(channels: int, groups: int, eps: float = 1e-5) -> GroupNorm32:

@@ -14,7 +14,7 @@ from torch import nn
 
 from ..config import VAEConfig
 from .attention import AttentionLayer, attention
-from .layers import Upsample, normalization
+from .layers import Upsample, norm_silu, normalization
 
 _EPS = 1e-6  # GroupNorm eps of the original autoencoder
 
@@ -56,8 +56,8 @@ class ResnetBlock(nn.Module):
             self.nin_shortcut = nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.conv1(F.silu(self.norm1(x)))
-        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
+        h = self.conv1(norm_silu(self.norm1, x))
+        h = self.conv2(self.dropout(norm_silu(self.norm2, h)))
         return self.nin_shortcut(x) + h
 
 
@@ -164,7 +164,7 @@ class Encoder(nn.Module):
         for level in self.down:
             h = level(h)
         h = self.mid(h)
-        return self.conv_out(F.silu(self.norm_out(h)))
+        return self.conv_out(norm_silu(self.norm_out, h))
 
 
 class Decoder(nn.Module):
@@ -198,7 +198,7 @@ class Decoder(nn.Module):
         h = self.mid(self.conv_in(z))
         for level in reversed(self.up):
             h = level(h)
-        return self.conv_out(F.silu(self.norm_out(h)))
+        return self.conv_out(norm_silu(self.norm_out, h))
 
 
 class AutoencoderKL(nn.Module):

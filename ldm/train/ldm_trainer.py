@@ -67,6 +67,8 @@ class LDMTrainer(Trainer):
             load_state_strict(unet, parts["unet"], f"{t.init_from} [unet]")
             load_state_strict(text_encoder, parts["text_encoder"], f"{t.init_from} [text_encoder]")
         unet.set_gradient_checkpointing(cfg.model.unet.gradient_checkpointing)
+        if t.channels_last:  # convolutions then produce channels_last activations too
+            unet.to(memory_format=torch.channels_last)
         self.train_text = cfg.model.text_encoder.trainable
         self.schedule = Schedule.from_config(cfg.model.diffusion)
         params = list(unet.parameters()) + (list(text_encoder.parameters()) if self.train_text else [])
@@ -94,6 +96,8 @@ class LDMTrainer(Trainer):
 
         # A frozen text encoder has nothing for DDP to synchronise: only trained modules are wrapped.
         text_encoder = text_encoder.to(acc.device)
+        if t.compile is not None:  # in place: state-dict keys stay; static shapes, timesteps are tensors
+            unet.compile(mode=t.compile, dynamic=False)
         if self.train_text:
             unet, text_encoder, optimizer = acc.prepare(unet, text_encoder, optimizer)
         else:
