@@ -309,8 +309,12 @@ class TrainConfig:
 
 @dataclass
 class VAELossConfig:
-    """Stage-1 losses: L1 + KL + patch-GAN (+ LPIPS when its weights are available locally)."""
+    """Stage-1 losses: L1 (+ L2) + KL + patch-GAN (+ LPIPS when its weights are available locally)."""
 
+    l1_weight: float = 1.0
+    # Squared error weighs a pixel by how wrong it is: on images that are mostly flat background it
+    # pulls the few object pixels into place far sooner than L1 alone (see configs/vae_tiny.yaml).
+    l2_weight: float = 0.0
     # The reconstruction term is a per-pixel mean, so the original code's 1e-6 (on a per-image sum)
     # corresponds to 1e-6 / (3 H W) here; 1e-8 keeps the KL a small regulariser at 32-256 px.
     kl_weight: float = 1e-8
@@ -321,6 +325,17 @@ class VAELossConfig:
     disc_channels: int = 64
     lpips_weight: float = 1.0
     lpips_weights: str = ""  # a local file with VGG16 + LPIPS weights; empty: LPIPS off (reported)
+    # A fresh run starts the posterior's log-variance near this value (the bias of the log-variance
+    # half of `quant_conv`, its weights scaled by 0.1). Null keeps the default init, where the
+    # posterior std starts near 1 and its noise drowns small details until the encoder shrinks it.
+    init_logvar: float | None = None
+
+    def validate(self) -> None:
+        for name in ("l1_weight", "l2_weight", "kl_weight", "disc_weight", "lpips_weight"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"vae_loss.{name} must be >= 0 (got {getattr(self, name)})")
+        if self.l1_weight == 0 and self.l2_weight == 0 and not self.lpips_weights:
+            raise ConfigError("vae_loss needs a reconstruction term: set l1_weight or l2_weight > 0")
 
 
 @dataclass
@@ -337,6 +352,7 @@ class Config:
         self.model.validate()
         self.data.validate()
         self.train.validate()
+        self.vae_loss.validate()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -25,10 +25,12 @@ from ldm.train.vae_loss import (
     hinge_d_loss,
     kl_loss,
     l1_loss,
+    l2_loss,
     load_lpips,
     lpips_from_config,
 )
-from ldm.train.vae_trainer import VAETrainer, heldout_images, latent_scaling_factor, psnr
+from ldm.config import ConfigError
+from ldm.train.vae_trainer import VAETrainer, heldout_images, latent_scaling_factor, narrow_posterior_, psnr
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = [
@@ -108,6 +110,39 @@ def test_vae_loss_adds_the_weighted_terms():
     plain, plain_logs = VAELoss(cfg).generator(images, recon, posterior, None, None)
     assert "g_loss" not in plain_logs and plain.item() == pytest.approx((logs["l1"] + 0.1 * logs["kl"]).item())
     assert VAELoss(cfg).disc_active(0) and not VAELoss(VAELossConfig(disc_weight=0.0, disc_start=0)).disc_active(5)
+
+
+def test_reconstruction_weighs_l1_and_l2_and_needs_one_of_them():
+    images = torch.zeros(1, 3, 4, 4)
+    recon = torch.zeros(1, 3, 4, 4)
+    recon[0, 0, 0, 0] = 2.0  # one pixel off by 2 in 48: L1 = 2/48, L2 = 4/48
+    assert l2_loss(images, recon).item() == pytest.approx(4 / 48)
+    rec, logs = VAELoss(VAELossConfig(l1_weight=0.5, l2_weight=3.0)).reconstruction(images, recon)
+    assert rec.item() == pytest.approx(0.5 * 2 / 48 + 3.0 * 4 / 48)
+    assert set(logs) == {"l1", "l2"}
+    rec, logs = VAELoss(VAELossConfig(l1_weight=0.0, l2_weight=1.0)).reconstruction(images, recon)
+    assert rec.item() == pytest.approx(4 / 48) and set(logs) == {"l2"}
+    with pytest.raises(ConfigError, match="set l1_weight or l2_weight"):
+        VAELossConfig(l1_weight=0.0, l2_weight=0.0).validate()
+    with pytest.raises(ConfigError, match="l2_weight must be >= 0"):
+        VAELossConfig(l2_weight=-1.0).validate()
+
+
+def test_narrow_posterior_sets_the_log_variance_and_leaves_the_mean_alone(tmp_path):
+    cfg = config(tmp_path, "vae_loss.init_logvar=-8")
+    torch.manual_seed(0)
+    from ldm.models.vae import AutoencoderKL
+
+    vae = AutoencoderKL(cfg.model.vae)
+    x = torch.rand(2, 3, 16, 16) * 2 - 1
+    before = vae.encode(x)
+    narrow_posterior_(vae, -8.0)
+    after = vae.encode(x)
+    torch.testing.assert_close(after.mean, before.mean)
+    assert before.std.mean().item() > 0.5  # the default init: std near 1
+    assert (after.logvar - -8.0).abs().max().item() < 1.0  # log-variance now near -8 everywhere
+    trainer = VAETrainer(cfg)  # the trainer applies it to a fresh run
+    assert torch.all(trainer.vae.quant_conv.bias[cfg.model.vae.embed_dim :] == -8.0)
 
 
 def test_patch_discriminator_gives_a_logit_map_and_explains_small_images():
@@ -259,7 +294,7 @@ def test_non_finite_losses_are_skipped_then_stop_training(tmp_path, monkeypatch)
 
     def nan_loss(batch, step, micro):
         nan = torch.tensor(float("nan"), requires_grad=True)
-        return nan, None, {"l1": nan.detach()}
+        return nan, None, {"rec": nan.detach()}
 
     monkeypatch.setattr(trainer, "losses", nan_loss)
     with pytest.raises(FloatingPointError, match="NaN/Inf for 3 steps in a row"):

@@ -1,8 +1,9 @@
-"""Stage-1 objective: L1 reconstruction + KL + a patch discriminator, with LPIPS when its weights exist.
+"""Stage-1 objective: L1 (+ L2) reconstruction + KL + a patch discriminator, with LPIPS when its weights exist.
 
 Generator (the autoencoder) loss of one batch:
 
-    rec   = mean |x - x_hat|  (+ lpips_weight * mean LPIPS(x, x_hat))        per-pixel means
+    rec   = l1_weight * mean |x - x_hat| + l2_weight * mean (x - x_hat)^2
+            (+ lpips_weight * mean LPIPS(x, x_hat))                            per-pixel means
     kl    = mean over the batch of KL(q(z|x) || N(0, I)) summed over the latent
     adv   = -mean D(x_hat)                                                     (from disc_start on)
     loss  = rec + kl_weight * kl + disc_weight * lambda * adv
@@ -44,6 +45,11 @@ ADAPTIVE_WEIGHT_MAX = 1e4
 def l1_loss(images: torch.Tensor, recon: torch.Tensor) -> torch.Tensor:
     """Mean absolute error over every pixel and channel."""
     return (images.float() - recon.float()).abs().mean()
+
+
+def l2_loss(images: torch.Tensor, recon: torch.Tensor) -> torch.Tensor:
+    """Mean squared error over every pixel and channel."""
+    return (images.float() - recon.float()).pow(2).mean()
 
 
 def kl_loss(posterior: DiagonalGaussian) -> torch.Tensor:
@@ -279,14 +285,20 @@ class VAELoss:
         return self.cfg.disc_weight > 0 and step >= self.cfg.disc_start
 
     def reconstruction(self, images: torch.Tensor, recon: torch.Tensor) -> tuple[torch.Tensor, dict]:
-        """L1 (+ weighted LPIPS): the `rec` term, and its parts for logging."""
-        l1 = l1_loss(images, recon)
-        logs = {"l1": l1.detach()}
-        if self.lpips is None:
-            return l1, logs
-        p = self.lpips(images, recon).mean()
-        logs["lpips"] = p.detach()
-        return l1 + self.cfg.lpips_weight * p, logs
+        """Weighted L1, L2 (and LPIPS): the `rec` term, and its parts for logging."""
+        cfg = self.cfg
+        rec = torch.zeros((), device=images.device)
+        logs = {}
+        for name, weight, fn in (("l1", cfg.l1_weight, l1_loss), ("l2", cfg.l2_weight, l2_loss)):
+            if weight > 0:
+                value = fn(images, recon)
+                logs[name] = value.detach()
+                rec = rec + weight * value
+        if self.lpips is not None:
+            p = self.lpips(images, recon).mean()
+            logs["lpips"] = p.detach()
+            rec = rec + cfg.lpips_weight * p
+        return rec, logs
 
     def generator(
         self,

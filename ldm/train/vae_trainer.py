@@ -112,6 +112,16 @@ def latent_scaling_factor(vae: AutoencoderKL, images: torch.Tensor, batch_size: 
     return 1.0 / std
 
 
+@torch.no_grad()
+def narrow_posterior_(vae: AutoencoderKL, logvar: float) -> None:
+    """Start the posterior's log-variance near `logvar`: the log-variance half of `quant_conv`
+    gets that bias and a tenth of its initial weights (a fresh model only; training moves it on)."""
+    conv = vae.quant_conv
+    half = conv.out_channels // 2  # moments = cat([mean, logvar]) along channels
+    conv.bias[half:] = logvar
+    conv.weight[half:] *= 0.1
+
+
 class VAETrainer(Trainer):
     """Owns one stage-1 run: autoencoder, discriminator, their optimizers, EMA, and the output directory."""
 
@@ -128,6 +138,8 @@ class VAETrainer(Trainer):
             torch.manual_seed(t.seed)
             vae = AutoencoderKL(cfg.model.vae)
             disc = PatchDiscriminator(cfg.model.vae.out_channels, lc.disc_channels, lc.disc_layers)
+        if lc.init_logvar is not None:
+            narrow_posterior_(vae, lc.init_logvar)
         optimizer = make_optimizer(list(vae.parameters()), t)
         disc_opt_cfg = dataclasses.replace(t, adam_betas=DISC_BETAS, weight_decay=0.0)
         disc_optimizer = make_optimizer(list(disc.parameters()), disc_opt_cfg, lr=lc.disc_lr)
@@ -253,7 +265,7 @@ class VAETrainer(Trainer):
                 rate = speed.update(images_per_step)
                 if acc.is_main_process:
                     bar.update(1)
-                    post = {"loss": f"{loss_value.item():.4f}", "l1": f"{logs['l1']:.4f}", "img_s": f"{rate:.1f}"}
+                    post = {"loss": f"{loss_value.item():.4f}", "rec": f"{logs['rec']:.4f}", "img_s": f"{rate:.1f}"}
                     if disc_on:
                         post["d"] = f"{d_value.item():.3f}"
                     bar.set_postfix(post, refresh=False)
