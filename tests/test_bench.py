@@ -14,20 +14,13 @@ from ldm import bench
 from ldm.bench import BenchOptions, MismatchError, Row, count_flops, format_table, run_bench
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = ROOT / "configs" / "sd_tiny.yaml"
+TINY = ROOT / "tests" / "configs" / "tiny64.yaml"
 ROW_KEYS = {f.name for f in dataclasses.fields(Row)}
 MODEL_ROWS = {"unet", "train", "vae", "generate_2"}
 DATA_ROWS = {"data_shapes", "data_shards", "data_latents"}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: on a busy 2-core CPU two OpenMP threads can wait on each other for
-    seconds per U-Net call."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_options(**kw) -> BenchOptions:
@@ -178,13 +171,13 @@ def run_tool(*args):
 
 def test_cli_writes_a_table_and_valid_json(tmp_path):
     out = tmp_path / "bench.json"
-    r = run_tool("--config", "configs/sd_tiny.yaml", "--device", "cpu", "--repeats", "2", "--warmup", "1",
+    r = run_tool("--config", "tests/configs/tiny64.yaml", "--device", "cpu", "--repeats", "2", "--warmup", "1",
                  "--resolution", "32", "--workloads", "unet,vae", "--json", out)
     assert r.returncode == 0, r.stderr
     data = json.loads(out.read_text())
     assert [row["workload"] for row in data["rows"]] == ["unet", "vae"]
     assert all(row["median_ms"] > 0 and set(row) == ROW_KEYS for row in data["rows"])
-    assert data["dtype"] == "float32" and data["config"].endswith("sd_tiny.yaml")
+    assert data["dtype"] == "float32" and data["config"].endswith("tiny64.yaml")
     assert "workload" in r.stdout and "2x4x8x8" in r.stdout and f"wrote {out}" in r.stdout
     assert "unet:" in r.stderr  # progress goes to stderr
 

@@ -36,7 +36,7 @@ diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = ROOT / "configs" / "sd_tiny.yaml"
+TINY = ROOT / "tests" / "configs" / "tiny64.yaml"
 SMALL = ["sample.height=32", "sample.width=32"]
 
 # SD 1.x-like: HF CLIP, heads by count, 1x1-conv transformer projections.

@@ -22,7 +22,7 @@ from ldm.models.vae import AutoencoderKL
 from ldm.speed import CUDAGraphRunner, SpeedConfig, optimize_unet, optimize_vae, speed_config, tiled_apply
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = ROOT / "configs/sd_tiny.yaml"
+TINY = ROOT / "tests/configs/tiny64.yaml"
 FAST = ["model.unet.model_channels=32", "model.text_encoder.width=64", "model.unet.context_dim=64",
         "model.text_encoder.heads=2", "model.text_encoder.projection_dim=64", "model.vae.ch=16",
         "sample.height=32", "sample.width=32", "sample.steps=3"]

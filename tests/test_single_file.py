@@ -26,6 +26,7 @@ from ldm.models import build_models
 from ldm.pipeline import LDMPipeline
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+TINY64 = Path(__file__).resolve().parent / "configs" / "tiny64.yaml"
 
 TEXT_SMALL = [
     "model.unet.context_dim=128",
@@ -51,7 +52,7 @@ SD2_SMALL = [
     *TEXT_SMALL,
     "model.text_encoder.layers=3",
 ]
-# sd_tiny changed only where the SD 1.x conventions differ from it (heads, proj, norm groups).
+# The tiny test model changed only where the SD 1.x conventions differ from it (heads, proj, norm groups).
 TINY_SD1 = [
     "model.unet.num_heads=8",
     "model.unet.num_head_channels=null",
@@ -67,7 +68,7 @@ SMALL = {
     "sd1": ("sd15.yaml", SD1_SMALL),
     "sd2": ("sd21.yaml", SD2_SMALL),
     "inpaint": ("sd15.yaml", [*SD1_SMALL, "model.unet.in_channels=9"]),
-    "tiny": ("sd_tiny.yaml", TINY_SD1),
+    "tiny": ("../tests/configs/tiny64.yaml", TINY_SD1),
 }
 
 
@@ -346,15 +347,15 @@ def test_damaged_position_ids_are_replaced(tmp_path, sd1, caplog):
 
 
 def test_config_overrides_detection(tmp_path):
-    # sd_tiny itself breaks the SD 1.x conventions (heads of 32, VAE norm groups 8): the shapes
+    # the tiny test model breaks the SD 1.x conventions (heads of 32, VAE norm groups 8): the shapes
     # are the same either way, so detection cannot know; the config says it
-    pipe = LDMPipeline.from_config(CONFIGS / "sd_tiny.yaml", seed=3)
+    pipe = LDMPipeline.from_config(TINY64, seed=3)
     state = original_state(pipe)
     path = tmp_path / "tiny.safetensors"
     save_file(state, str(path))
     guessed = load_single_file(path).model_config
     assert (guessed.unet.num_heads, guessed.vae.norm_groups) == (8, 32)
-    loaded = load_single_file(path, config=CONFIGS / "sd_tiny.yaml")
+    loaded = load_single_file(path, config=TINY64)
     assert loaded.model_config == pipe.model_config
     assert_same_weights(loaded, state)
     assert "given" in loaded.load_report

@@ -15,7 +15,7 @@ def run_tool(*args):
 def test_txt2img_writes_pngs_with_settings_and_a_grid(tmp_path):
     out = tmp_path / "out"
     r = run_tool(
-        "tools/txt2img.py", "--config", "configs/sd_tiny.yaml", "--set", "sample.height=32", "--set", "sample.width=32",
+        "tools/txt2img.py", "--config", "tests/configs/tiny64.yaml", "--set", "sample.height=32", "--set", "sample.width=32",
         "--prompt", "a red circle", "--negative-prompt", "blurry", "--n", "2", "--seed", "5",
         "--steps", "2", "--sampler", "euler_a", "--cfg", "4.5", "--out", out,
     )
@@ -35,7 +35,7 @@ def test_txt2img_writes_pngs_with_settings_and_a_grid(tmp_path):
 def test_txt2img_reports_bad_input_without_a_traceback_dump(tmp_path):
     r = run_tool("tools/txt2img.py", "--prompt", "x", "--out", tmp_path)
     assert r.returncode != 0 and "pass --ckpt" in r.stderr
-    r = run_tool("tools/txt2img.py", "--config", "configs/sd_tiny.yaml", "--prompt", "x", "--height", "30", "--out", tmp_path)
+    r = run_tool("tools/txt2img.py", "--config", "tests/configs/tiny64.yaml", "--prompt", "x", "--height", "30", "--out", tmp_path)
     assert r.returncode != 0 and "height must be a multiple of 4 (got 30); try 28 or 32" in r.stderr
     assert not any(tmp_path.iterdir())
 
