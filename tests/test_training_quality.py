@@ -49,7 +49,7 @@ def test_a_few_hundred_steps_beat_the_untrained_model_on_heldout_loss(tmp_path):
     # The zero-initialised U-Net predicts 0, so its loss is the mean square of the v target:
     # alpha^2 E[eps^2] + sigma^2 E[z^2], about 1 for unit-variance latents.
     assert before["loss"] == pytest.approx(1.0, abs=0.3)
-    assert after["loss"] < 0.3 * before["loss"]  # measured: 1.10 -> 0.14 at 500 steps
+    assert after["loss"] < 0.5 * before["loss"]  # measured: 1.12 -> 0.29 at 300 steps (0.14 at 500)
     assert all(after[f"loss_t{t}"] < before[f"loss_t{t}"] for t in (100, 300, 500, 700, 900))
 
 
