@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import math
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +14,7 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
+from ldm.bench import randomize_weights_
 from ldm.config import Config, load_config, to_dict
 from ldm.convert.diffusers import (
     EXTRA_FILE,
@@ -51,27 +51,10 @@ SD1_SKIP = [*SD1, "model.text_encoder.layers=3", "model.text_encoder.layer=penul
 VARIANTS = {"sd1": SD1, "sd2": SD2, "sd1_skip": SD1_SKIP}
 
 
-def perturb(module: torch.nn.Module, seed: int) -> None:
-    """Replace every float tensor with random values of unit-ish scale, zero-initialised layers
-    included, so outputs are not trivially zero."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in module.state_dict().items():
-            if not p.is_floating_point():
-                continue
-            noise = torch.randn(p.shape, generator=g)
-            if p.ndim >= 2:
-                p.copy_(noise / math.sqrt(p[0].numel()))
-            elif name.endswith("weight"):
-                p.copy_(1 + 0.1 * noise)
-            else:
-                p.copy_(0.1 * noise)
-
-
 def make_pipe(variant: str, seed: int = 0) -> LDMPipeline:
     pipe = LDMPipeline.from_config(load_config(TINY, VARIANTS[variant]), seed=seed)
     for i, module in enumerate(pipe.modules.values()):
-        perturb(module, seed + i)
+        randomize_weights_(module, seed + i)
     return pipe
 
 

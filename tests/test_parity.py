@@ -10,12 +10,12 @@ maps must agree with diffusers' converters tensor for tensor.
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import pytest
 import torch
 
+from ldm.bench import randomize_weights_
 from ldm.config import TextEncoderConfig, UNetConfig, VAEConfig, load_config
 from ldm.convert.diffusers import (
     text_config_to_diffusers,
@@ -56,18 +56,7 @@ def small_vae() -> VAEConfig:
 
 def perturb(module: torch.nn.Module, seed: int) -> torch.nn.Module:
     """Random values of unit-ish scale for every float tensor, zero-initialised layers included."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in module.state_dict().items():
-            if not p.is_floating_point():
-                continue
-            noise = torch.randn(p.shape, generator=g)
-            if p.ndim >= 2:
-                p.copy_(noise / math.sqrt(p[0].numel()))
-            elif name.endswith("weight"):
-                p.copy_(1 + 0.1 * noise)
-            else:
-                p.copy_(0.1 * noise)
+    randomize_weights_(module, seed)
     return module.eval()
 
 
