@@ -6,6 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
+from helpers import randomize
 from ldm import LDMPipeline
 from ldm.diffusion import sigmas_from_schedule
 
@@ -14,17 +15,6 @@ TINY = ROOT / "tests/configs/tiny64.yaml"
 FAST = ["model.unet.model_channels=32", "model.text_encoder.width=64", "model.unet.context_dim=64",
         "model.text_encoder.heads=2", "model.text_encoder.projection_dim=64", "model.vae.ch=16",
         "sample.height=32", "sample.width=32", "sample.steps=3"]
-
-
-def randomize(p: LDMPipeline, seed: int = 1) -> LDMPipeline:
-    """Give zero-initialised layers random values so outputs depend on every weight."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in p.modules.values():
-            for param in m.parameters():
-                if param.abs().max() == 0:
-                    param.copy_(torch.randn(param.shape, generator=g) * 0.02)
-    return p
 
 
 @pytest.fixture(scope="module")

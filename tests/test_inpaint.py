@@ -7,6 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
+from helpers import randomize
 from ldm import LDMPipeline
 from ldm.diffusion import sigmas_from_schedule
 
@@ -16,17 +17,6 @@ FAST = ["model.unet.model_channels=32", "model.text_encoder.width=64", "model.un
         "model.text_encoder.heads=2", "model.text_encoder.projection_dim=64", "model.vae.ch=16",
         "sample.height=32", "sample.width=32", "sample.steps=3"]
 INPAINTING = FAST + ["model.unet.in_channels=9"]
-
-
-def randomize(p: LDMPipeline, seed: int = 1) -> LDMPipeline:
-    """Give zero-initialised layers random values so outputs depend on every weight."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in p.modules.values():
-            for param in m.parameters():
-                if param.abs().max() == 0:
-                    param.copy_(torch.randn(param.shape, generator=g) * 0.02)
-    return p
 
 
 @pytest.fixture(scope="module")

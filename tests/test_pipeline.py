@@ -8,6 +8,7 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from helpers import randomize
 from ldm import LDMPipeline
 from ldm.checkpoint import CONFIG_KEY
 from ldm.errors import CheckpointError
@@ -28,17 +29,6 @@ def pipe():
 @pytest.fixture(scope="module")
 def saved(pipe, tmp_path_factory):
     return pipe.save(tmp_path_factory.mktemp("ckpt") / "model.safetensors")
-
-
-def randomize(p: LDMPipeline, seed: int = 1) -> LDMPipeline:
-    """Give zero-initialised layers random values so outputs depend on every weight."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in p.modules.values():
-            for param in m.parameters():
-                if param.abs().max() == 0:
-                    param.copy_(torch.randn(param.shape, generator=g) * 0.02)
-    return p
 
 
 def gen(p, prompt="a red circle", **kw):
