@@ -26,7 +26,7 @@ COMMON = ["train.log_with=none", "train.sample_every=0", "train.warmup_steps=20"
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def train_tiny(tmp_path: Path, vae_steps: int, ldm_overrides: list[str]) -> tuple[LDMTrainer, Path]:
+def train_tiny(tmp_path: Path, vae_steps: int, ldm_overrides: list[str]) -> LDMTrainer:
     """Stage 1 for `vae_steps`, then a stage-2 trainer (not yet run) on its VAE file."""
     vae_cfg = load_config(
         ROOT / "configs/vae_tiny.yaml",
@@ -37,12 +37,12 @@ def train_tiny(tmp_path: Path, vae_steps: int, ldm_overrides: list[str]) -> tupl
         ROOT / "configs/sd_tiny.yaml",
         [*COMMON, f"train.output_dir={tmp_path / 'ldm'}", f"train.vae_checkpoint={vae_file}", *ldm_overrides],
     )
-    return LDMTrainer(cfg), vae_file
+    return LDMTrainer(cfg)
 
 
 def test_a_few_hundred_steps_beat_the_untrained_model_on_heldout_loss_and_adherence(tmp_path):
-    trainer, _ = train_tiny(tmp_path, 150, [*NARROW, "train.steps=300", "train.batch_size=8", "train.save_every=300",
-                                            "train.ema_decay=0.99"])
+    trainer = train_tiny(tmp_path, 150, [*NARROW, "train.steps=300", "train.batch_size=8", "train.save_every=300",
+                                         "train.ema_decay=0.99"])
     items = heldout_items(48, RESOLUTION, seed=1)
     untrained = trainer.inference_pipeline()  # a copy: training does not change it
     trained = LDMPipeline.from_checkpoint(trainer.train())
@@ -66,7 +66,7 @@ def test_a_few_hundred_steps_beat_the_untrained_model_on_heldout_loss_and_adhere
 @pytest.mark.skipif(not os.environ.get("LDM_SLOW_TESTS"),
                     reason="trains sd_tiny's own U-Net for 800 steps (~12 minutes on 2 cores); set LDM_SLOW_TESTS=1")
 def test_minutes_of_training_beat_the_untrained_model_on_prompt_adherence(tmp_path):
-    trainer, _ = train_tiny(tmp_path, 400, ["train.steps=800", "train.save_every=800"])
+    trainer = train_tiny(tmp_path, 400, ["train.steps=800", "train.save_every=800"])
     captions = [it["caption"] for it in heldout_items(96, RESOLUTION, seed=1)]
 
     def adherence(pipe: LDMPipeline) -> dict[str, float]:
