@@ -264,6 +264,10 @@ class TrainConfig:
     batch_size: int = 16  # per device, per micro-batch
     grad_accum: int = 1
     lr: float = 1e-4
+    # Learning rate of a trainable text encoder (model.text_encoder.trainable); None: `lr`. A text
+    # encoder trained from scratch at a small U-Net's high rate can collapse (every caption encoded
+    # alike, the prompt ignored); see docs/training.md, "The tiny run".
+    text_encoder_lr: float | None = None
     weight_decay: float = 0.01
     adam_betas: tuple[float, float] = (0.9, 0.999)
     warmup_steps: int = 100
@@ -274,6 +278,7 @@ class TrainConfig:
     seed: int = 0
     min_snr_gamma: float | None = None  # Min-SNR-gamma loss weighting (5 is typical)
     offset_noise: float = 0.0  # std of per-channel offset noise (0.05-0.1 helps very dark/bright images)
+    timestep_shift: float = 1.0  # > 1 draws more training timesteps at high noise (ldm.diffusion.sample_timesteps)
     max_bad_steps: int = 20  # stop after this many consecutive non-finite losses
     log_every: int = 10
     sample_every: int = 500  # 0 disables sample grids
@@ -303,6 +308,12 @@ class TrainConfig:
                 raise ConfigError(f"train.{name} must be >= 1 (got {getattr(self, name)})")
         if not 0 <= self.ema_decay < 1:
             raise ConfigError(f"train.ema_decay must be in [0, 1) (got {self.ema_decay})")
+        if self.text_encoder_lr is not None and not self.text_encoder_lr > 0:
+            raise ConfigError(
+                f"train.text_encoder_lr must be > 0, or null to use train.lr (got {self.text_encoder_lr})"
+            )
+        if not self.timestep_shift > 0:
+            raise ConfigError(f"train.timestep_shift must be > 0, 1 for uniform timesteps (got {self.timestep_shift})")
         if self.log_with not in ("tensorboard", "wandb", "none"):
             raise ConfigError(f"train.log_with must be tensorboard, wandb or none (got {self.log_with!r})")
 

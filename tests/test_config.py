@@ -68,6 +68,8 @@ def test_unknown_key_suggests_the_nearest_one():
         ("model.unet.attention_resolutions=[8]", r"attention_resolutions \[8\] are not downsampling factors"),
         ("model.unet.model_channels=40", "multiple of norm_groups=32"),
         ("model.text_encoder.kind=t5", "text_encoder.kind must be one of"),
+        ("train.timestep_shift=0", r"timestep_shift must be > 0, 1 for uniform"),
+        ("train.text_encoder_lr=0", r"text_encoder_lr must be > 0, or null to use train.lr"),
     ],
 )
 def test_bad_values_name_the_key_and_the_fix(override, message):

@@ -84,6 +84,19 @@ def test_training_reduces_the_loss(tmp_path, vae_file):
     assert sorted(p.name for p in (tmp_path / "samples").iterdir()) == ["step-00000015.png", "step-00000030.png"]
 
 
+def test_text_encoder_has_its_own_learning_rate(tmp_path, vae_file):
+    trainer = LDMTrainer(config(tmp_path, vae_file, "train.lr=1e-3", "train.text_encoder_lr=2e-5"))
+    unet_group, text_group = trainer.optimizer.param_groups
+    text_params = {id(p) for p in trainer.accelerator.unwrap_model(trainer.text_encoder).parameters()}
+    assert {id(p) for p in text_group["params"]} == text_params
+    assert not text_params & {id(p) for p in unet_group["params"]}
+    # Both follow the schedule: warm-up over 2 steps starts at half of each rate.
+    assert (unet_group["lr"], text_group["lr"]) == pytest.approx((0.5e-3, 1e-5))
+    # Without it the text encoder shares the U-Net's group (the layout of states saved before it).
+    trainer = LDMTrainer(config(tmp_path / "b", vae_file, "train.text_encoder_lr=null"))
+    assert len(trainer.optimizer.param_groups) == 1
+
+
 def test_non_finite_losses_are_skipped_then_stop_training(tmp_path, vae_file, monkeypatch):
     cfg = config(tmp_path, vae_file, "train.max_bad_steps=3")
     trainer = LDMTrainer(cfg)
@@ -199,3 +212,16 @@ def test_init_from_starts_from_a_model_file(tmp_path, vae_file):
     assert all(torch.equal(mine[k], v) for k, v in source.unet.state_dict().items())
     with pytest.raises(Exception, match="shape mismatch"):
         LDMTrainer(config(tmp_path / "run2", vae_file, f"train.init_from={path}", "model.unet.model_channels=64"))
+
+
+def test_stages_of_different_precision_run_in_one_process(tmp_path, monkeypatch):
+    from ldm.config import TrainConfig
+    from ldm.train import loop
+
+    first = loop.make_accelerator(TrainConfig(mixed_precision="no", log_with="none"), str(tmp_path / "a"))
+    assert first.mixed_precision == "no"
+    monkeypatch.setattr(loop, "cpu_has_native_bf16", lambda: False)
+    with pytest.warns(UserWarning, match="without native bfloat16"):
+        second = loop.make_accelerator(TrainConfig(mixed_precision="bf16", log_with="none"), str(tmp_path / "b"))
+    assert second.mixed_precision == "bf16"
+    assert loop.make_accelerator(TrainConfig(log_with="none"), str(tmp_path / "c")).mixed_precision == "no"

@@ -14,6 +14,7 @@ from ldm.diffusion import (
     pred_to_eps,
     pred_to_x0,
     q_sample,
+    sample_timesteps,
     snr,
     target_for,
 )
@@ -104,6 +105,23 @@ def test_min_snr_eps_weight_at_zero_terminal_snr_is_finite():
     z = Schedule.from_config(DiffusionConfig(zero_terminal_snr=True))
     w = min_snr_weight(snr(torch.tensor([999]), z), 5.0, "eps")
     assert w.item() == 1.0
+
+
+def test_timestep_sampling_uniform_and_shifted():
+    # shift 1 is the plain uniform draw, the same numbers from the same generator
+    uniform = sample_timesteps(5000, 1000, 1.0, torch.Generator().manual_seed(3))
+    torch.testing.assert_close(uniform, torch.randint(0, 1000, (5000,), generator=torch.Generator().manual_seed(3)))
+    # shift s maps u to s u / (1 + (s - 1) u): P(t >= 1000 x) = 1 - x / (s - (s - 1) x)
+    for shift in (3.0, 0.5):
+        t = sample_timesteps(40000, 1000, shift, torch.Generator().manual_seed(0))
+        assert t.dtype == torch.long and t.min() >= 0 and t.max() <= 999
+        for x in (0.25, 0.5, 0.75, 0.95):
+            expected = 1 - x / (shift - (shift - 1) * x)
+            assert (t >= 1000 * x).float().mean().item() == pytest.approx(expected, abs=0.01)
+    assert (sample_timesteps(40000, 1000, 3.0, torch.Generator().manual_seed(0)) >= 750).float().mean() == \
+        pytest.approx(0.5, abs=0.01)  # the docstring's "half above 3/4"
+    with pytest.raises(ValueError, match="shift must be > 0"):
+        sample_timesteps(4, 1000, 0.0, torch.Generator())
 
 
 def test_loss_argument_errors(sd):

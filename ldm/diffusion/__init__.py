@@ -14,6 +14,7 @@ from .objective import (
     pred_to_eps,
     pred_to_x0,
     q_sample,
+    sample_timesteps,
     snr,
     target_for,
 )
@@ -55,6 +56,7 @@ __all__ = [
     "pred_to_eps",
     "target_for",
     "q_sample",
+    "sample_timesteps",
     "snr",
     "min_snr_weight",
     "diffusion_loss",

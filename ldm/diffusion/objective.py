@@ -97,6 +97,23 @@ def q_sample(x0: Tensor, t: Tensor, noise: Tensor, schedule: Schedule) -> Tensor
     return (_bcast(alpha, x0) * x0 + _bcast(sigma, x0) * noise).to(x0.dtype)
 
 
+def sample_timesteps(n: int, num_timesteps: int, shift: float, generator: torch.Generator) -> Tensor:
+    """n training timesteps in [0, num_timesteps), on the CPU.
+
+    shift = 1 draws them uniformly. Otherwise u ~ U(0, 1) is mapped to shift * u / (1 + (shift - 1) u)
+    (the resolution shift of SD3, applied to t / num_timesteps): shift > 1 spends more of the
+    training at high noise, where a sample's layout and colours are decided, and shift 3 puts half
+    the timesteps above 3/4 of the schedule.
+    """
+    if shift <= 0:
+        raise ValueError(f"timestep shift must be > 0 (got {shift})")
+    if shift == 1:
+        return torch.randint(0, num_timesteps, (n,), generator=generator)
+    u = torch.rand(n, generator=generator, dtype=torch.float64)
+    u = shift * u / (1 + (shift - 1) * u)
+    return (u * num_timesteps).long().clamp(max=num_timesteps - 1)
+
+
 def snr(t: Tensor, schedule: Schedule, dtype: torch.dtype = torch.float32) -> Tensor:
     """Signal-to-noise ratio alpha_t^2 / sigma_t^2 for integer timesteps t (0 at a zero-SNR step)."""
     ac = schedule.alphas_cumprod

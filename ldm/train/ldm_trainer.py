@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 
 from ..checkpoint import load_state_strict, load_vae_file, read_model_file
 from ..config import Config, to_dict
-from ..diffusion import Schedule, diffusion_loss, q_sample
+from ..diffusion import Schedule, diffusion_loss, q_sample, sample_timesteps
 from ..models import build_models
 from ..pipeline import LDMPipeline, make_grid
 from .checkpoint import find_latest_state, load_training_state, save_training_state
@@ -71,8 +71,12 @@ class LDMTrainer(Trainer):
             unet.to(memory_format=torch.channels_last)
         self.train_text = cfg.model.text_encoder.trainable
         self.schedule = Schedule.from_config(cfg.model.diffusion)
-        params = list(unet.parameters()) + (list(text_encoder.parameters()) if self.train_text else [])
-        optimizer = make_optimizer(params, t)
+        groups = [{"params": list(unet.parameters())}]
+        if self.train_text and t.text_encoder_lr is None:  # one group: states saved before the option still load
+            groups[0]["params"] += list(text_encoder.parameters())
+        elif self.train_text:
+            groups.append({"params": list(text_encoder.parameters()), "lr": t.text_encoder_lr})
+        optimizer = make_optimizer(groups, t)
         self.ema = {"unet": EMA(unet, t.ema_decay)} if t.ema_decay > 0 else {}
         if self.ema and self.train_text:
             self.ema["text_encoder"] = EMA(text_encoder, t.ema_decay)
@@ -147,7 +151,7 @@ class LDMTrainer(Trainer):
                 eps = torch.randn(posterior.mean.shape, generator=g).to(acc.device)
                 z = (posterior.mean + posterior.std * eps) * self.vae.scaling_factor
         b = z.shape[0]
-        t = torch.randint(0, self.schedule.num_timesteps, (b,), generator=g).to(acc.device)
+        t = sample_timesteps(b, self.schedule.num_timesteps, cfg.train.timestep_shift, g).to(acc.device)
         noise = torch.randn(z.shape, generator=g).to(acc.device)
         if cfg.train.offset_noise > 0:  # per-channel offsets let the model shift overall brightness
             noise = noise + cfg.train.offset_noise * torch.randn(b, z.shape[1], 1, 1, generator=g).to(acc.device)
