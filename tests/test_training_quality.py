@@ -1,7 +1,7 @@
 """Training works, measured the way a user would measure it: a tiny model trained for a few hundred
 steps (stage 1, then stage 2 on its latents) beats the same model untrained on held-out denoising
 loss and on prompt adherence of its generated images (tools/eval.py's metrics); an opt-in test
-trains for minutes and checks that the prompt's background is learned."""
+runs the README's training and checks that the samples draw the prompt's colour."""
 
 import os
 from pathlib import Path
@@ -64,17 +64,18 @@ def test_a_few_hundred_steps_beat_the_untrained_model_on_heldout_loss_and_adhere
 
 
 @pytest.mark.skipif(not os.environ.get("LDM_SLOW_TESTS"),
-                    reason="trains sd_tiny's own U-Net for 800 steps (~12 minutes on 2 cores); set LDM_SLOW_TESTS=1")
-def test_minutes_of_training_beat_the_untrained_model_on_prompt_adherence(tmp_path):
-    trainer = train_tiny(tmp_path, 400, ["train.steps=800", "train.save_every=800"])
-    captions = [it["caption"] for it in heldout_items(96, RESOLUTION, seed=1)]
-
-    def adherence(pipe: LDMPipeline) -> dict[str, float]:
-        return prompt_adherence(pipe, captions, resolution=RESOLUTION, progress=False)
-
-    before = adherence(trainer.inference_pipeline())
-    after = adherence(LDMPipeline.from_checkpoint(trainer.train()))
-    # Untrained samples are decoded noise, right about the background by chance (1 in 3); after
-    # 800 steps the background the prompt names is drawn (measured: 97% of samples).
-    assert after["background"] >= before["background"] + 0.5
-    assert after["count"] > before["count"]
+                    reason="trains sd_tiny as the README does (~15 minutes on 2 cores); set LDM_SLOW_TESTS=1")
+def test_the_readme_run_draws_the_prompts_colour(tmp_path):
+    # configs/vae_tiny.yaml then configs/sd_tiny.yaml as they are (no logs or sample grids), then
+    # tools/eval.py's adherence on its 128 held-out prompts at cfg 7.5.
+    quiet = ["train.log_with=none", "train.sample_every=0"]
+    vae_cfg = load_config(ROOT / "configs/vae_tiny.yaml", [*quiet, f"train.output_dir={tmp_path / 'vae'}"])
+    cfg = load_config(ROOT / "configs/sd_tiny.yaml", [
+        *quiet, f"train.output_dir={tmp_path / 'ldm'}", f"train.vae_checkpoint={VAETrainer(vae_cfg).train()}"])
+    pipe = LDMPipeline.from_checkpoint(LDMTrainer(cfg).train())
+    captions = [it["caption"] for it in heldout_items(128, RESOLUTION, seed=0)]
+    adh = prompt_adherence(pipe, captions, resolution=RESOLUTION, cfg=7.5, progress=False)
+    # Measured on the README's command: 96% colour and 100% background (docs/training.md, "The tiny run"); chance is
+    # 1 in 7 for colour and 1 in 3 for the background.
+    assert adh["colour"] >= 0.85
+    assert adh["background"] >= 0.9
