@@ -25,7 +25,8 @@ from ..config import DataConfig, TrainConfig
 
 def cpu_has_native_bf16() -> bool:
     """Whether this CPU computes bfloat16 natively (AVX512-BF16 or AMX tiles): where it does, bf16
-    autocast makes sd_tiny's training steps ~1.2x faster on CPU; where not, it can make them slower."""
+    autocast (with channels_last) makes sd_tiny's training steps ~1.2x faster on CPU; where not, it
+    can make them slower."""
     probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
     return any(getattr(torch.cpu, name, lambda: False)() for name in probes)
 
