@@ -64,7 +64,7 @@ def test_a_few_hundred_steps_beat_the_untrained_model_on_heldout_loss_and_adhere
 
 
 @pytest.mark.skipif(not os.environ.get("LDM_SLOW_TESTS"),
-                    reason="trains sd_tiny as the README does (~15 minutes on 2 cores); set LDM_SLOW_TESTS=1")
+                    reason="trains sd_tiny as the README does (~17 minutes on one thread); set LDM_SLOW_TESTS=1")
 def test_the_readme_run_draws_the_prompts_colour(tmp_path):
     # configs/vae_tiny.yaml then configs/sd_tiny.yaml as they are (no logs or sample grids), then
     # tools/eval.py's adherence on its 128 held-out prompts at cfg 7.5.
@@ -75,7 +75,7 @@ def test_the_readme_run_draws_the_prompts_colour(tmp_path):
     pipe = LDMPipeline.from_checkpoint(LDMTrainer(cfg).train())
     captions = [it["caption"] for it in heldout_items(128, RESOLUTION, seed=0)]
     adh = prompt_adherence(pipe, captions, resolution=RESOLUTION, cfg=7.5, progress=False)
-    # Measured on the README's command: 96% colour and 100% background (docs/training.md, "The tiny run"); chance is
-    # 1 in 7 for colour and 1 in 3 for the background.
+    # Measured on the README's command: 96% colour and 100% background (docs/training.md, "The tiny
+    # run"); chance is 1 in 7 for colour and 1 in 3 for the background.
     assert adh["colour"] >= 0.85
     assert adh["background"] >= 0.9

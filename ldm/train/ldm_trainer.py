@@ -71,11 +71,11 @@ class LDMTrainer(Trainer):
             unet.to(memory_format=torch.channels_last)
         self.train_text = cfg.model.text_encoder.trainable
         self.schedule = Schedule.from_config(cfg.model.diffusion)
-        groups = [{"params": list(unet.parameters())}]
-        if self.train_text and t.text_encoder_lr is None:  # one group: states saved before the option still load
-            groups[0]["params"] += list(text_encoder.parameters())
-        elif self.train_text:
-            groups.append({"params": list(text_encoder.parameters()), "lr": t.text_encoder_lr})
+        text_params = list(text_encoder.parameters()) if self.train_text else []
+        if t.text_encoder_lr is None:  # one group: states saved before the option still load
+            groups = [{"params": [*unet.parameters(), *text_params]}]
+        else:  # make_optimizer drops the text group when it is empty (a frozen text encoder)
+            groups = [{"params": list(unet.parameters())}, {"params": text_params, "lr": t.text_encoder_lr}]
         optimizer = make_optimizer(groups, t)
         self.ema = {"unet": EMA(unet, t.ema_decay)} if t.ema_decay > 0 else {}
         if self.ema and self.train_text:
