@@ -17,7 +17,7 @@ from typing import Any, Callable, Sequence, Union
 
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageOps
+from PIL import Image
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -33,6 +33,7 @@ from .diffusion import (
     sigmas_from_schedule,
 )
 from .errors import CheckpointError
+from .images import decode_grey, decode_image
 from .models import build_models
 from .models.attention import set_attention_backend
 from .models.text import TextEncoder
@@ -730,8 +731,8 @@ def make_grid(images: Sequence[Image.Image], cols: int | None = None) -> Image.I
 def load_image(image: ImageInput) -> torch.Tensor:
     """A picture (PIL image, path, list of those, or tensor) -> float32 (B, 3, H, W) in [0, 1], CPU.
 
-    Tensors must be (B, 3, H, W) or (3, H, W) with values in [0, 1]. PIL images are converted to
-    RGB (an alpha channel is dropped); EXIF orientation is applied."""
+    Tensors must be (B, 3, H, W) or (3, H, W) with values in [0, 1]. Files and PIL images are
+    decoded by `ldm.images.decode_image` (EXIF orientation, 16-bit grey, CMYK, alpha over white)."""
     if isinstance(image, torch.Tensor):
         x = image.detach().to("cpu", torch.float32)
         x = x[None] if x.ndim == 3 else x
@@ -742,7 +743,7 @@ def load_image(image: ImageInput) -> torch.Tensor:
     images = [image] if isinstance(image, (Image.Image, str, Path)) else list(image)
     if not images:
         raise ValueError("image list is empty")
-    tensors = [_pil_to_tensor(_open(im).convert("RGB")) for im in images]
+    tensors = [_pil_to_tensor(decode_image(im)) for im in images]
     if len({t.shape for t in tensors}) > 1:
         raise ValueError(f"images differ in size ({', '.join(f'{t.shape[2]}x{t.shape[1]}' for t in tensors)}); "
                          "resize them to one size first")
@@ -752,7 +753,7 @@ def load_image(image: ImageInput) -> torch.Tensor:
 def load_mask(mask: ImageInput) -> torch.Tensor:
     """An inpainting mask -> float32 (B, 1, H, W) in [0, 1], CPU; 1 (white) = repaint, 0 (black) = keep.
 
-    PIL images (any mode) are converted to grey ("L"); tensors may be (H, W), (1, H, W) or
+    PIL images (any mode) are converted to grey by `ldm.images.decode_grey`; tensors may be (H, W), (1, H, W) or
     (B, 1, H, W) with values in [0, 1]. Values between 0 and 1 feather the final paste."""
     if isinstance(mask, torch.Tensor):
         m = mask.detach().to("cpu", torch.float32)
@@ -764,22 +765,10 @@ def load_mask(mask: ImageInput) -> torch.Tensor:
     masks = [mask] if isinstance(mask, (Image.Image, str, Path)) else list(mask)
     if not masks:
         raise ValueError("mask list is empty")
-    tensors = [_pil_to_tensor(_open(m).convert("L")) for m in masks]
+    tensors = [_pil_to_tensor(decode_grey(m)) for m in masks]
     if len({t.shape for t in tensors}) > 1:
         raise ValueError("masks differ in size; resize them to the image size first")
     return torch.stack(tensors)
-
-
-def _open(image: Image.Image | str | Path) -> Image.Image:
-    if isinstance(image, Image.Image):
-        return image
-    if not isinstance(image, (str, Path)):
-        raise TypeError(f"expected a PIL image, a path or a tensor (got {type(image).__name__})")
-    path = Path(image)
-    if not path.is_file():
-        raise ValueError(f"image file not found: {path}")
-    with Image.open(path) as im:
-        return ImageOps.exif_transpose(im).copy()
 
 
 def _pil_to_tensor(image: Image.Image) -> torch.Tensor:

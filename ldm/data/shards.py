@@ -40,8 +40,10 @@ from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset
+
+from ..images import decode_image, open_image, to_rgb
 
 log = logging.getLogger(__name__)
 
@@ -265,22 +267,20 @@ def _make_key(index: int, stem: str) -> str:
 
 
 def _checked_image(data: bytes, ext: str, resize: int | None) -> bytes:
-    """Decode fully (so truncated files are caught); re-encode only when `resize` shrinks the image."""
-    if not data:
-        raise ValueError("empty file")
-    with Image.open(io.BytesIO(data)) as im:
-        im.load()
-        if resize is None or min(im.size) <= resize:
-            return data
-        scale = resize / min(im.size)
-        size = (max(resize, round(im.width * scale)), max(resize, round(im.height * scale)))
-        small = im.resize(size, Image.BICUBIC)
-        out = io.BytesIO()
-        fmt = _PIL_FORMATS[ext]
-        if fmt == "JPEG" and small.mode not in ("RGB", "L"):
-            small = small.convert("RGB")
-        small.save(out, format=fmt, **({"quality": 95} if fmt in ("JPEG", "WEBP") else {}))
-        return out.getvalue()
+    """Decode fully (so truncated files are caught); re-encode only when `resize` shrinks the image.
+
+    A re-encoded image is decoded the way the reader would (EXIF orientation applied, alpha over
+    white, wide greyscale scaled), so shrinking never changes what training sees but its size."""
+    im = open_image(data)
+    if resize is None or min(im.size) <= resize:
+        return data
+    im = to_rgb(im)
+    scale = resize / min(im.size)
+    size = (max(resize, round(im.width * scale)), max(resize, round(im.height * scale)))
+    out = io.BytesIO()
+    fmt = _PIL_FORMATS[ext]
+    im.resize(size, Image.BICUBIC).save(out, format=fmt, **({"quality": 95} if fmt in ("JPEG", "WEBP") else {}))
+    return out.getvalue()
 
 
 def _image_sample(key: str, path: Path, caption: str | None, meta: dict, *,
@@ -297,8 +297,6 @@ def _image_sample(key: str, path: Path, caption: str | None, meta: dict, *,
         data = _checked_image(path.read_bytes(), ext, resize)
     except FileNotFoundError:
         return Skip("missing_image", str(path))
-    except UnidentifiedImageError:
-        return Skip("unreadable_image", f"{path}: not an image file PIL can read")
     except Exception as e:  # any decoder error: the file is unusable, not the run
         return Skip("unreadable_image", f"{path}: {e}")
     return {"__key__": key, ext: data, "txt": caption.encode("utf-8"),
@@ -708,21 +706,6 @@ class ShardLoader(DataLoader):
         self.epoch, self.batch = self.epoch + 1, 0
 
 
-def _open_rgb(data: bytes, min_side: int | None = None) -> Image.Image:
-    im = Image.open(io.BytesIO(data))
-    if min_side is not None and im.format == "JPEG":
-        # Let libjpeg decode at 1/2, 1/4 or 1/8 scale when the result keeps both sides >= min_side.
-        im.draft("RGB", (min_side, min_side))
-    im.load()
-    if im.mode == "P" and "transparency" in im.info:
-        im = im.convert("RGBA")
-    if im.mode in ("RGBA", "LA"):  # transparent pixels become white, not whatever colour they hide
-        background = Image.new("RGB", im.size, (255, 255, 255))
-        background.paste(im, mask=im.getchannel("A"))
-        return background
-    return im.convert("RGB")
-
-
 def resize_crop(im: Image.Image, resolution: int, rng: random.Random | None = None) -> Image.Image:
     """Resize the shorter side to `resolution`, then crop the centre (or a random square if `rng`)."""
     scale = resolution / min(im.size)
@@ -759,7 +742,7 @@ class ImageTextDecoder:
         if len(sample[ext]) == 0:
             raise BrokenSample("empty_image")
         try:
-            im = _open_rgb(sample[ext], self.resolution)
+            im = decode_image(sample[ext], draft=self.resolution)
         except Exception as e:  # PIL raises many types for bad bytes; any of them means "skip"
             raise BrokenSample("undecodable_image") from e
         if min(im.size) == 0:
