@@ -6,6 +6,7 @@ import torch
 from ldm.config import DiffusionConfig
 from ldm.diffusion import (
     MIN_ALPHA_CUMPROD,
+    SPACINGS,
     Schedule,
     make_betas,
     rescale_zero_terminal_snr,
@@ -129,7 +130,39 @@ def test_karras_spacing_follows_eq5(sd):
     torch.testing.assert_close(root.diff(), root.diff()[:1].expand(n - 1), atol=1e-12, rtol=0)
 
 
-@pytest.mark.parametrize("spacing", ["leading", "trailing", "linspace", "karras"])
+def test_exponential_spacing_is_even_in_log_sigma(sd):
+    sig = sigmas_from_schedule(sd, 8, "exponential")
+    assert sig.shape == (9,) and sig[-1] == 0
+    assert sig[0].item() == pytest.approx(sd.sigma_max, rel=1e-12)
+    assert sig[-2].item() == pytest.approx(sd.sigma_min, rel=1e-12)
+    log = sig[:-1].log()
+    torch.testing.assert_close(log.diff(), log.diff()[:1].expand(7), atol=1e-12, rtol=0)
+
+
+def test_simple_and_sgm_uniform_spacing_values(sd):
+    # simple (A1111 / ComfyUI): every (T / n)-th timestep from the last, rounded down: 999 - int(k * 33.33)
+    simple = sd.sigma_to_t(sigmas_from_schedule(sd, 30, "simple")[:-1])
+    assert simple[:5].tolist() == [999, 966, 933, 899, 866] and simple[-1].item() == 33
+    trail = sd.sigma_to_t(sigmas_from_schedule(sd, 30, "trailing")[:-1])
+    assert trail[:5].tolist() == [999, 966, 932, 899, 866]  # trailing rounds k * T / n to nearest
+    torch.testing.assert_close(sigmas_from_schedule(sd, 20, "simple"), sigmas_from_schedule(sd, 20, "trailing"),
+                               rtol=1e-14, atol=0)  # the same timesteps when n divides T
+    # sgm_uniform: the first n of n + 1 evenly spaced timesteps from T - 1 to 0
+    sgm = sd.sigma_to_t(sigmas_from_schedule(sd, 4, "sgm_uniform")[:-1])
+    torch.testing.assert_close(sgm, torch.tensor([999.0, 749.25, 499.5, 249.75], dtype=torch.float64))
+
+
+@pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")  # diffusers' numpy 2 warning
+def test_exponential_spacing_matches_diffusers():
+    diffusers = pytest.importorskip("diffusers")
+    sched = diffusers.EulerDiscreteScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                                             use_exponential_sigmas=True)
+    sched.set_timesteps(12)
+    sd = Schedule.from_config(DiffusionConfig())
+    torch.testing.assert_close(sigmas_from_schedule(sd, 12, "exponential").float(), sched.sigmas, rtol=5e-5, atol=0)
+
+
+@pytest.mark.parametrize("spacing", SPACINGS)
 def test_every_spacing_descends_to_zero(sd, spacing):
     for n in (1, 2, 7, 50):
         sig = sigmas_from_schedule(sd, n, spacing)
@@ -138,13 +171,15 @@ def test_every_spacing_descends_to_zero(sd, spacing):
 
 
 def test_bad_spacing_or_steps_lists_the_options(sd):
-    with pytest.raises(ValueError, match="leading, trailing, linspace, karras"):
+    with pytest.raises(ValueError, match="leading, trailing, linspace, karras, exponential, simple, sgm_uniform"):
         sigmas_from_schedule(sd, 10, "uniform")
     for bad in (0, -3, 2.5):
         with pytest.raises(ValueError, match="steps"):
             sigmas_from_schedule(sd, bad)
     with pytest.raises(ValueError, match="trailing"):
         sigmas_from_schedule(sd, 1000, "leading")  # would reach timestep 1000
+    with pytest.raises(ValueError, match="num_timesteps"):
+        sigmas_from_schedule(sd, 1001, "simple")  # would repeat timesteps
 
 
 def test_schedule_rejects_bad_alphas_cumprod():

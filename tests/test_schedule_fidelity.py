@@ -18,7 +18,8 @@ from torch import nn
 diffusers = pytest.importorskip("diffusers")
 
 from ldm.diffusion import Denoiser, Schedule, make_betas, sample_ddim, sample_dpmpp_2m, sample_euler  # noqa: E402
-from ldm.diffusion import sample_euler_a, sigmas_from_schedule  # noqa: E402
+from ldm.diffusion import sample_dpmpp_2m_sde, sample_dpmpp_sde, sample_euler_a, sample_lms  # noqa: E402
+from ldm.diffusion import sample_uni_pc, sample_uni_pc_bh2, sigmas_from_schedule  # noqa: E402
 
 SD = {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012, "num_train_timesteps": 1000}
 SCHEDULE = Schedule.from_betas(make_betas("scaled_linear", 1000, 0.00085, 0.012))
@@ -190,3 +191,103 @@ def test_euler_karras_matches_diffusers_euler_with_karras_sigmas():
     result, our_x0s = ours(sample_euler, x, sigmas)
     assert_rel(result, expected)
     assert_x0s(our_x0s, their_x0s)
+
+
+@pytest.mark.parametrize("spacing", ["linspace", "karras"])
+def test_lms_matches_diffusers_lms_discrete(spacing):
+    pytest.importorskip("scipy")  # diffusers integrates the LMS coefficients with scipy
+    kw = {"use_karras_sigmas": True} if spacing == "karras" else {"timestep_spacing": "linspace"}
+    sched = diffusers.LMSDiscreteScheduler(**SD, **kw)
+    sched.set_timesteps(10)  # linspace: integer timesteps, where sigma interpolation agrees
+    sigmas = sigmas_from_schedule(SCHEDULE, 10, spacing)
+    torch.testing.assert_close(sigmas.float(), sched.sigmas, rtol=5e-5, atol=0)
+    x = noise(7) * sched.init_noise_sigma
+    expected, their_x0s = theirs(sched, x)
+    result, our_x0s = ours(sample_lms, x, sigmas)
+    assert_rel(result, expected)
+    assert_x0s(our_x0s, their_x0s)
+
+
+@pytest.mark.parametrize("steps", [5, 12, 20])
+def test_uni_pc_bh2_matches_diffusers_unipc_multistep(steps):
+    sched = diffusers.UniPCMultistepScheduler(**SD, solver_order=3, solver_type="bh2", timestep_spacing="trailing")
+    sched.set_timesteps(steps)
+    sigmas = sigmas_from_schedule(SCHEDULE, steps, "trailing")
+    torch.testing.assert_close(sigmas.float(), sched.sigmas, rtol=5e-5, atol=0)
+    z = noise(8)  # VP state
+    expected, _ = theirs(sched, z)
+    result, _ = ours(sample_uni_pc_bh2, z / alpha(sigmas[0]), sigmas)
+    assert_rel(result, expected)
+
+
+@pytest.mark.parametrize("sampler,variant", [(sample_uni_pc, "bh1"), (sample_uni_pc_bh2, "bh2")])
+@pytest.mark.parametrize("steps", [5, 12])
+def test_uni_pc_ending_at_sigma_min_matches_diffusers(sampler, variant, steps):
+    # diffusers' bh1 variant returns NaN on a final step to sigma = 0 (B(h) = -h is infinite there),
+    # so both variants are compared on a schedule ending at sigma_min, where every step, predictor
+    # and corrector, is a regular one. (Ours ends at 0 with D, the first-order step's limit.)
+    sched = diffusers.UniPCMultistepScheduler(**SD, solver_order=3, solver_type=variant, timestep_spacing="trailing",
+                                              final_sigmas_type="sigma_min")
+    sched.set_timesteps(steps)
+    sigmas = sigmas_from_schedule(SCHEDULE, steps, "trailing")
+    sigmas[-1] = SCHEDULE.sigma_min
+    z = noise(9)
+    expected, _ = theirs(sched, z)
+    result, _ = ours(sampler, z / alpha(sigmas[0]), sigmas)
+    assert_rel(result * alpha(SCHEDULE.sigma_min), expected)  # diffusers returns the VP sample
+
+
+@pytest.mark.parametrize("steps", [10, 20])
+def test_dpmpp_2m_sde_matches_diffusers_sde_dpmsolver_with_the_same_generator(steps):
+    # diffusers draws one randn of the latents' shape per step from the generator, as we do (it also
+    # draws one on the last step, to sigma = 0, where the noise is multiplied by 0).
+    sched = diffusers.DPMSolverMultistepScheduler(**SD, algorithm_type="sde-dpmsolver++", solver_order=2,
+                                                  timestep_spacing="trailing")
+    sched.set_timesteps(steps)
+    sigmas = sigmas_from_schedule(SCHEDULE, steps, "trailing")
+    z = noise(10)
+    expected, _ = theirs(sched, z, generator=torch.Generator().manual_seed(5))
+    result, _ = ours(sample_dpmpp_2m_sde, z / alpha(sigmas[0]), sigmas, generator=torch.Generator().manual_seed(5))
+    assert_rel(result, expected)
+    other, _ = ours(sample_dpmpp_2m_sde, z / alpha(sigmas[0]), sigmas, generator=torch.Generator().manual_seed(6))
+    assert float((other - expected).abs().max() / expected.abs().max()) > 0.1  # the noise is really used
+
+
+class BrownianPath:
+    """A Brownian motion W(sigma) sampled exactly at given descending points (W = 0 at the first),
+    its increments drawn in order from a generator; called like diffusers' BrownianTreeNoiseSampler:
+    (sigma, sigma_next) -> (W(sigma_next) - W(sigma)) / sqrt(|sigma - sigma_next|)."""
+
+    def __init__(self, points: list[float], generator: torch.Generator):
+        self.points, self.w = points, [torch.zeros(SHAPE)]
+        for a, b in zip(points, points[1:]):
+            self.w.append(self.w[-1] + math.sqrt(a - b) * torch.randn(SHAPE, generator=generator))
+
+    def _index(self, sigma) -> int:
+        return min(range(len(self.points)), key=lambda k: abs(self.points[k] - float(sigma)))
+
+    def __call__(self, sigma, sigma_next) -> torch.Tensor:
+        i, j = self._index(sigma), self._index(sigma_next)
+        return (self.w[j] - self.w[i]) / math.sqrt(abs(self.points[i] - self.points[j]))
+
+
+@pytest.mark.parametrize("spacing", ["trailing", "karras"])
+@pytest.mark.parametrize("steps", [8, 15])
+def test_dpmpp_sde_matches_diffusers_dpmsolver_sde_on_the_same_brownian_path(spacing, steps):
+    # diffusers draws this sampler's noise from a torchsde Brownian tree. Both sides get the same
+    # path instead: W sampled at every noise level a step visits (sigma_i and the midpoint
+    # sqrt(sigma_i sigma_i+1)), with increments drawn in that order, which is exactly the order in
+    # which our sampler draws its two normals per step from the generator.
+    pytest.importorskip("torchsde")
+    kw = {"use_karras_sigmas": True} if spacing == "karras" else {"timestep_spacing": spacing}
+    sched = diffusers.DPMSolverSDEScheduler(**SD, **kw)
+    sched.set_timesteps(steps)
+    sigmas = sigmas_from_schedule(SCHEDULE, steps, spacing)
+    s = sigmas.tolist()
+    points = [p for a, b in zip(s[:-2], s[1:-1]) for p in (a, math.sqrt(a * b))] + [s[-2]]
+    sched.noise_sampler = BrownianPath(points, torch.Generator().manual_seed(9))
+    x = noise(11) * sched.init_noise_sigma
+    expected, their_x0s = theirs(sched, x)  # two steps per sigma: x0 at sigma_i, then at the midpoint
+    result, our_x0s = ours(sample_dpmpp_sde, x, sigmas, generator=torch.Generator().manual_seed(9))
+    assert_rel(result, expected, tol=1e-5)  # karras: their float32 midpoint timesteps, ~1.5e-6
+    assert_x0s(our_x0s, their_x0s[::2], tol=1e-5)

@@ -18,20 +18,20 @@ from .objective import (
     snr,
     target_for,
 )
+from .sampler_core import ancestral_step, randn_like
 from .samplers import (
     SAMPLER_NAMES,
     SAMPLERS,
     STOCHASTIC_SAMPLERS,
-    ancestral_step,
-    randn_like,
-    resolve_sampler,
     sample_ddim,
     sample_ddpm,
-    sample_dpmpp_2m,
     sample_euler,
     sample_euler_a,
+    resolve_sampler,
     sample_heun,
 )
+from .samplers_multistep import sample_dpmpp_2m, sample_lms, sample_uni_pc, sample_uni_pc_bh2
+from .samplers_sde import sample_dpmpp_2m_sde, sample_dpmpp_sde
 from .schedule import (
     BETA_KINDS,
     MIN_ALPHA_CUMPROD,
@@ -70,6 +70,11 @@ __all__ = [
     "sample_euler_a",
     "sample_heun",
     "sample_dpmpp_2m",
+    "sample_dpmpp_2m_sde",
+    "sample_dpmpp_sde",
+    "sample_lms",
+    "sample_uni_pc",
+    "sample_uni_pc_bh2",
     "SAMPLERS",
     "STOCHASTIC_SAMPLERS",
     "SAMPLER_NAMES",

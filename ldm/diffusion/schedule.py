@@ -20,7 +20,7 @@ from torch import Tensor
 from ..config import DiffusionConfig
 
 BETA_KINDS = ("linear", "scaled_linear", "cosine")
-SPACINGS = ("leading", "trailing", "linspace", "karras")
+SPACINGS = ("leading", "trailing", "linspace", "karras", "exponential", "simple", "sgm_uniform")
 
 # With a zero-terminal-SNR schedule alphas_cumprod[-1] == 0 and the VE sigma of the last step is
 # infinite. For everything that needs a finite VE sigma (`Schedule.sigmas`, sampling) the final
@@ -179,19 +179,30 @@ def sigmas_from_schedule(
                 (Lin et al. 2024 sec. 3.3).
     `linspace`: t = linspace(0, T - 1, n), fractional t kept (interpolated in log-sigma).
     `karras`:   Karras et al. 2022 eq. 5 between the schedule's sigma_min and sigma_max with `rho`.
+    `exponential`: sigmas evenly spaced in log-sigma from sigma_max to sigma_min (k-diffusion).
+    `simple`:   t = T - 1 - int(k * (T / n)), k = 0 .. n - 1 (A1111's and ComfyUI's "simple"; equals
+                `trailing` when n divides T, else some steps are one timestep later).
+    `sgm_uniform`: t = linspace(T - 1, 0, n + 1)[:-1], fractional t kept (A1111's and ComfyUI's).
     """
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise ValueError(f"steps must be an integer >= 1 (got {n!r})")
     if spacing not in SPACINGS:
         raise ValueError(f"unknown spacing {spacing!r}; valid spacings: {', '.join(SPACINGS)}")
     T = schedule.num_timesteps
-    if spacing in ("leading", "trailing") and n > T:
+    if spacing in ("leading", "trailing", "simple") and n > T:
         raise ValueError(f"steps ({n}) must be <= num_timesteps ({T}) with {spacing!r} spacing")
     if spacing == "karras":
         # Karras et al. eq. 5: sigma_i = (smax^(1/rho) + i/(n-1) (smin^(1/rho) - smax^(1/rho)))^rho
         ramp = torch.linspace(0, 1, n, dtype=torch.float64)
         lo, hi = schedule.sigma_min ** (1 / rho), schedule.sigma_max ** (1 / rho)
         sigmas = (hi + ramp * (lo - hi)) ** rho
+    elif spacing == "exponential":
+        sigmas = torch.linspace(math.log(schedule.sigma_max), math.log(schedule.sigma_min), n, dtype=torch.float64).exp()
+    elif spacing == "simple":
+        step = T / n  # a Python float, rounded down per step exactly as the tools that define it do
+        sigmas = schedule.sigmas[[T - 1 - int(k * step) for k in range(n)]]
+    elif spacing == "sgm_uniform":
+        sigmas = schedule.t_to_sigma(torch.linspace(T - 1, 0, n + 1, dtype=torch.float64)[:-1])
     else:
         if spacing == "leading":
             t = torch.arange(n, dtype=torch.float64) * (T // n) + steps_offset
