@@ -7,13 +7,13 @@ import os
 import re
 import sys
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
-from .diffusion import SAMPLER_NAMES, SPACINGS
+from .diffusion import SAMPLERS, SPACINGS, STOCHASTIC_SAMPLERS, parse_sampler, parse_schedule
 from .models.attention import ATTENTION_BACKENDS
 from .pipeline import DTYPES, LDMPipeline, make_grid
 
@@ -47,18 +47,34 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
                        help="attention backend (default sdpa; xformers needs `pip install xformers`)")
 
 
+def _checked(parse: Callable[[str], object]) -> Callable[[str], str]:
+    """An argparse type that keeps the text but reports parse's ValueError as a usage error."""
+
+    def check(text: str) -> str:
+        try:
+            parse(text)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+        return text
+
+    return check
+
+
 def add_sampling_args(parser: argparse.ArgumentParser, *, out: str) -> None:
     """The prompt and sampling options every image tool shares (all but the image size)."""
     parser.add_argument("--prompt", required=True, help="what to draw")
     parser.add_argument("--negative-prompt", default=None, help="what to steer away from (default: none)")
     parser.add_argument("--cfg", type=float, default=7.5, help="classifier-free guidance scale (default 7.5; 1 = off)")
     parser.add_argument("--steps", type=int, default=None, help="sampling steps (default: the model's, e.g. 30)")
-    parser.add_argument("--sampler", default=None, choices=SAMPLER_NAMES, metavar="NAME",
-                        help=f"sampler (default: the model's); one of {', '.join(SAMPLER_NAMES)}")
-    parser.add_argument("--spacing", default=None, choices=SPACINGS,
-                        help="timestep spacing (default: karras for *_karras samplers, else trailing)")
+    parser.add_argument("--sampler", default=None, metavar="NAME", type=_checked(parse_sampler),
+                        help=f"sampler (default: the model's): one of {', '.join(SAMPLERS)} (+ _karras), or an "
+                             "A1111 or ComfyUI name such as 'DPM++ 2M Karras' or euler_ancestral")
+    parser.add_argument("--spacing", default=None, metavar="SCHEDULE", type=_checked(parse_schedule),
+                        help=f"timestep spacing, overriding the sampler's: one of {', '.join(SPACINGS)}, or an A1111 "
+                             "schedule type or ComfyUI scheduler such as Karras or normal (default: trailing)")
     parser.add_argument("--eta", type=float, default=None,
-                        help="noise scale of the stochastic samplers ddim and euler_a (ddim: 0 = deterministic)")
+                        help=f"noise scale of the stochastic samplers {', '.join(sorted(STOCHASTIC_SAMPLERS))} "
+                             "(ddim: default 0 = deterministic; the others: default 1)")
     parser.add_argument("--guidance-rescale", type=float, default=0.0, help="CFG rescale factor in [0, 1]")
     parser.add_argument("--seed", type=int, default=None,
                         help="seed of the first image; image k uses seed + k (default: random)")

@@ -24,12 +24,13 @@ from tqdm.auto import tqdm
 from .checkpoint import read_model_file, save_model_file
 from .config import Config, DiffusionConfig, ModelConfig, SampleConfig, load_config
 from .diffusion import (
+    SAMPLERS,
     STOCHASTIC_SAMPLERS,
     CFGDenoiser,
     Denoiser,
     Schedule,
+    parse_sampler,
     randn_like,
-    resolve_sampler,
     sigmas_from_schedule,
 )
 from .errors import CheckpointError
@@ -289,6 +290,8 @@ class LDMPipeline:
         Image k of the batch (prompt-major order) is seeded with `seed + k`, so it equals a
         single-image run with that seed. Returns PIL images (with prompt, seed and settings in
         `image.info`) or, with `output_type="tensor"`, a (B, 3, H, W) tensor in [0, 1].
+        `sampler` and `spacing` take our names, A1111's and ComfyUI's (`"DPM++ 2M"`, `"Karras"`;
+        see `ldm.diffusion.parse_sampler`); `image.info` records ours.
         """
         height = self.defaults.height if height is None else height
         width = self.defaults.width if width is None else width
@@ -512,18 +515,17 @@ class LDMPipeline:
             raise ValueError(f"guidance_rescale must be in [0, 1] (got {guidance_rescale!r}); 0.7 is typical")
         if output_type not in ("pil", "tensor"):
             raise ValueError(f"output_type must be 'pil' or 'tensor' (got {output_type!r})")
-        sample_fn, default_spacing = resolve_sampler(sampler)
-        base = sampler.removesuffix("_karras") if default_spacing else sampler
+        choice = parse_sampler(sampler, spacing)  # ours, A1111's or ComfyUI's names
         options = {}
         if eta is not None:
-            if base not in STOCHASTIC_SAMPLERS:
+            if choice.sampler not in STOCHASTIC_SAMPLERS:
                 raise ValueError(
                     f"eta applies only to stochastic samplers ({', '.join(sorted(STOCHASTIC_SAMPLERS))}); "
                     f"{sampler!r} is deterministic"
                 )
             options["eta"] = eta
-        spacing = spacing or default_spacing or "trailing"
-        return _Run(sampler, sample_fn, options, steps, cfg, guidance_rescale, spacing)
+        spacing = choice.spacing or "trailing"
+        return _Run(choice.sampler, SAMPLERS[choice.sampler], options, steps, cfg, guidance_rescale, spacing)
 
     @staticmethod
     def _check_strength(strength: float) -> float:

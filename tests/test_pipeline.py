@@ -57,7 +57,19 @@ def test_generate_is_deterministic_per_seed(sampler):
     assert (a - c).abs().max() > 1e-3
 
 
-@pytest.mark.parametrize("sampler", ["euler_a", "dpmpp_2m"])
+def test_a1111_and_comfyui_sampler_names_run_our_sampler_and_are_recorded_as_ours(pipe):
+    ref = gen(pipe, seed=3, sampler="dpmpp_2m_karras")
+    for sampler, spacing in [("DPM++ 2M Karras", None), ("DPM++ 2M", "Karras"), ("dpmpp_2m", "karras")]:
+        assert torch.equal(gen(pipe, seed=3, sampler=sampler, spacing=spacing), ref)
+    image = pipe.generate("a red circle", seed=3, steps=3, sampler="DPM++ 2M", spacing="Karras", progress=False)[0]
+    assert (image.info["sampler"], image.info["spacing"]) == ("dpmpp_2m", "karras")
+    comfy = gen(pipe, seed=3, sampler="euler_ancestral", spacing="normal")
+    assert torch.equal(comfy, gen(pipe, seed=3, sampler="euler_a", spacing="linspace"))
+    with pytest.raises(ValueError, match="nearest is 'euler_a'"):
+        gen(pipe, sampler="DPM2 a")
+
+
+@pytest.mark.parametrize("sampler", ["euler_a", "dpmpp_2m", "dpmpp_2m_sde", "dpmpp_sde"])
 def test_image_k_of_a_batch_equals_a_single_run_with_seed_plus_k(sampler):
     p = randomize(LDMPipeline.from_config(TINY, FAST, seed=0))
     batch = gen(p, seed=100, num_images=3, sampler=sampler)

@@ -13,7 +13,6 @@ import torch
 
 from ldm.config import DiffusionConfig
 from ldm.diffusion import (
-    SAMPLER_NAMES,
     SAMPLERS,
     STOCHASTIC_SAMPLERS,
     CFGDenoiser,
@@ -21,13 +20,8 @@ from ldm.diffusion import (
     Schedule,
     ancestral_step,
     randn_like,
-    resolve_sampler,
-    sample_ddim,
-    sample_ddpm,
     sample_dpmpp_2m,
     sample_euler,
-    sample_euler_a,
-    sample_heun,
     sigmas_from_schedule,
 )
 
@@ -364,21 +358,6 @@ def test_only_stochastic_samplers_take_eta(sd):
     for name in STOCHASTIC_SAMPLERS:
         with pytest.raises(ValueError, match="eta"):
             SAMPLERS[name](gaussian_denoiser, x, sig, eta=-1.0)
-
-
-def test_resolve_sampler():
-    assert resolve_sampler("dpmpp_2m") == (sample_dpmpp_2m, None)
-    assert resolve_sampler("dpmpp_2m_karras") == (sample_dpmpp_2m, "karras")
-    assert resolve_sampler("euler_karras") == (sample_euler, "karras")
-    assert resolve_sampler("heun") == (sample_heun, None)
-    assert resolve_sampler("ddpm") == (sample_ddpm, None)
-    assert {"ddpm", "ddim", "euler", "euler_a", "heun", "dpmpp_2m", "euler_a_karras"} <= set(SAMPLER_NAMES)
-    with pytest.raises(ValueError) as err:
-        resolve_sampler("dpm_fast")
-    for name in SAMPLER_NAMES:
-        assert name in str(err.value)
-    with pytest.raises(ValueError, match="valid names"):
-        resolve_sampler("karras")
 
 
 def test_bad_sigmas_are_rejected():

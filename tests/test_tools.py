@@ -17,7 +17,7 @@ def test_txt2img_writes_pngs_with_settings_and_a_grid(tmp_path):
     r = run_tool(
         "tools/txt2img.py", "--config", "tests/configs/tiny64.yaml", "--set", "sample.height=32", "--set", "sample.width=32",
         "--prompt", "a red circle", "--negative-prompt", "blurry", "--n", "2", "--seed", "5",
-        "--steps", "2", "--sampler", "euler_a", "--cfg", "4.5", "--out", out,
+        "--steps", "2", "--sampler", "Euler a", "--spacing", "Karras", "--cfg", "4.5", "--out", out,
     )
     assert r.returncode == 0, r.stderr
     written = sorted(p.name for p in out.iterdir())
@@ -27,7 +27,7 @@ def test_txt2img_writes_pngs_with_settings_and_a_grid(tmp_path):
     assert image.size == (32, 32)
     text = image.text
     assert (text["prompt"], text["negative_prompt"], text["seed"]) == ("a red circle", "blurry", "6")
-    assert (text["sampler"], text["steps"], text["cfg"]) == ("euler_a", "2", "4.5")
+    assert (text["sampler"], text["spacing"], text["steps"], text["cfg"]) == ("euler_a", "karras", "2", "4.5")
     assert "Seed: 6" in text["parameters"] and "CFG scale: 4.5" in text["parameters"]
     assert Image.open(out / "00000-grid.png").size == (64, 32)
 
@@ -37,6 +37,10 @@ def test_txt2img_reports_bad_input_without_a_traceback_dump(tmp_path):
     assert r.returncode != 0 and "pass --ckpt" in r.stderr
     r = run_tool("tools/txt2img.py", "--config", "tests/configs/tiny64.yaml", "--prompt", "x", "--height", "30", "--out", tmp_path)
     assert r.returncode != 0 and "height must be a multiple of 4 (got 30); try 28 or 32" in r.stderr
+    r = run_tool("tools/txt2img.py", "--config", "tests/configs/tiny64.yaml", "--prompt", "x", "--sampler", "DPM++ 3M SDE",
+                 "--out", tmp_path)
+    assert r.returncode != 0 and "--sampler: sampler 'DPM++ 3M SDE' is not implemented here" in r.stderr
+    assert "note:" not in r.stderr  # refused while parsing the arguments, before the model is built
     assert not any(tmp_path.iterdir())
 
 

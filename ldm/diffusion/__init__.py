@@ -18,6 +18,7 @@ from .objective import (
     snr,
     target_for,
 )
+from .names import SamplerChoice, a1111_name, parse_sampler, parse_schedule
 from .sampler_core import ancestral_step, randn_like
 from .samplers import (
     SAMPLER_NAMES,
@@ -27,7 +28,6 @@ from .samplers import (
     sample_ddpm,
     sample_euler,
     sample_euler_a,
-    resolve_sampler,
     sample_heun,
 )
 from .samplers_multistep import sample_dpmpp_2m, sample_lms, sample_uni_pc, sample_uni_pc_bh2
@@ -78,5 +78,8 @@ __all__ = [
     "SAMPLERS",
     "STOCHASTIC_SAMPLERS",
     "SAMPLER_NAMES",
-    "resolve_sampler",
+    "SamplerChoice",
+    "parse_sampler",
+    "parse_schedule",
+    "a1111_name",
 ]

@@ -42,7 +42,6 @@ __all__ = [
     "STOCHASTIC_SAMPLERS",
     "SAMPLER_NAMES",
     "KARRAS_SUFFIX",
-    "resolve_sampler",
 ]
 
 
@@ -196,13 +195,3 @@ STOCHASTIC_SAMPLERS = frozenset({"ddim", "euler_a", "dpmpp_2m_sde", "dpmpp_sde"}
 # `<name>_karras` is `<name>` with Karras spacing as its default (see names.parse_sampler).
 KARRAS_SUFFIX = "_karras"
 SAMPLER_NAMES = tuple(sorted([*SAMPLERS, *(n + KARRAS_SUFFIX for n in SAMPLERS)]))
-
-
-def resolve_sampler(name: str) -> tuple[Callable[..., Tensor], str | None]:
-    """Sampler name -> (function, default spacing). `<name>_karras` means `<name>` with Karras
-    sigmas, returned as default spacing "karras"; a plain name has no default (None)."""
-    if name in SAMPLERS:
-        return SAMPLERS[name], None
-    if name.endswith(KARRAS_SUFFIX) and name[: -len(KARRAS_SUFFIX)] in SAMPLERS:
-        return SAMPLERS[name[: -len(KARRAS_SUFFIX)]], "karras"
-    raise ValueError(f"unknown sampler {name!r}; valid names: {', '.join(SAMPLER_NAMES)}")
