@@ -193,12 +193,6 @@ def test_sde_samplers_have_the_exact_discrete_variance_and_converge(sd, name):
     assert bias[0] > bias[2] and bias[1] > bias[2] and bias[2] < 0.003, bias
 
 
-def test_dpmpp_2m_sde_without_noise_is_dpmpp_2m(sd):
-    sig = sigmas_from_schedule(sd, 12, "karras")
-    x_T = prior_sample(100, float(sig[0]), seed=8)
-    torch.testing.assert_close(run("dpmpp_2m_sde", x_T, sig, eta=0.0), run("dpmpp_2m", x_T, sig), atol=1e-12, rtol=0)
-
-
 def _mixture_denoiser(means, weights, s):
     def den(x, sigma):
         var = s**2 + sigma.reshape(-1, 1) ** 2  # (N, 1)

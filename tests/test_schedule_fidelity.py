@@ -168,17 +168,23 @@ def test_euler_ancestral_matches_diffusers_with_the_same_generator(spacing):
     assert_x0s(our_x0s, their_x0s)
 
 
+@pytest.mark.parametrize("sampler,algorithm", [(sample_dpmpp_2m, "dpmsolver++"), (sample_dpmpp_2m_sde, "sde-dpmsolver++")])
 @pytest.mark.parametrize("steps", [10, 20])
-def test_dpmpp_2m_matches_diffusers_dpm_solver_multistep(steps):
-    sched = diffusers.DPMSolverMultistepScheduler(**SD, algorithm_type="dpmsolver++", solver_order=2,
+def test_dpmpp_2m_and_2m_sde_match_diffusers_dpm_solver_multistep(sampler, algorithm, steps):
+    # The SDE form: diffusers draws one randn of the latents' shape per step from the generator, as
+    # we do (it also draws one on the last step, to sigma = 0, where the noise is multiplied by 0).
+    sched = diffusers.DPMSolverMultistepScheduler(**SD, algorithm_type=algorithm, solver_order=2,
                                                   timestep_spacing="trailing")
     sched.set_timesteps(steps)
     sigmas = sigmas_from_schedule(SCHEDULE, steps, "trailing")
     torch.testing.assert_close(sigmas.float(), sched.sigmas, rtol=5e-5, atol=0)  # theirs: float32 alphas_cumprod
     z = noise(5)  # VP state, init_noise_sigma 1
-    expected, _ = theirs(sched, z)
-    result, _ = ours(sample_dpmpp_2m, z / alpha(sigmas[0]), sigmas)
+    expected, _ = theirs(sched, z, generator=torch.Generator().manual_seed(5))
+    result, _ = ours(sampler, z / alpha(sigmas[0]), sigmas, generator=torch.Generator().manual_seed(5))
     assert_rel(result, expected)
+    if algorithm == "sde-dpmsolver++":  # the noise is really used
+        other, _ = ours(sampler, z / alpha(sigmas[0]), sigmas, generator=torch.Generator().manual_seed(6))
+        assert float((other - expected).abs().max() / expected.abs().max()) > 0.1
 
 
 def test_euler_karras_matches_diffusers_euler_with_karras_sigmas():
@@ -235,22 +241,6 @@ def test_uni_pc_ending_at_sigma_min_matches_diffusers(sampler, variant, steps):
     expected, _ = theirs(sched, z)
     result, _ = ours(sampler, z / alpha(sigmas[0]), sigmas)
     assert_rel(result * alpha(SCHEDULE.sigma_min), expected)  # diffusers returns the VP sample
-
-
-@pytest.mark.parametrize("steps", [10, 20])
-def test_dpmpp_2m_sde_matches_diffusers_sde_dpmsolver_with_the_same_generator(steps):
-    # diffusers draws one randn of the latents' shape per step from the generator, as we do (it also
-    # draws one on the last step, to sigma = 0, where the noise is multiplied by 0).
-    sched = diffusers.DPMSolverMultistepScheduler(**SD, algorithm_type="sde-dpmsolver++", solver_order=2,
-                                                  timestep_spacing="trailing")
-    sched.set_timesteps(steps)
-    sigmas = sigmas_from_schedule(SCHEDULE, steps, "trailing")
-    z = noise(10)
-    expected, _ = theirs(sched, z, generator=torch.Generator().manual_seed(5))
-    result, _ = ours(sample_dpmpp_2m_sde, z / alpha(sigmas[0]), sigmas, generator=torch.Generator().manual_seed(5))
-    assert_rel(result, expected)
-    other, _ = ours(sample_dpmpp_2m_sde, z / alpha(sigmas[0]), sigmas, generator=torch.Generator().manual_seed(6))
-    assert float((other - expected).abs().max() / expected.abs().max()) > 0.1  # the noise is really used
 
 
 class BrownianPath:

@@ -11,12 +11,48 @@ import math
 import torch
 from torch import Tensor
 
-from .sampler_core import Denoise, GeneratorArg, StepCallback, call_denoiser, check_args
+from .sampler_core import Denoise, GeneratorArg, StepCallback, call_denoiser, check_args, randn_like
 
 __all__ = ["sample_dpmpp_2m", "sample_lms", "sample_uni_pc", "sample_uni_pc_bh2", "lms_coefficients"]
 
 LMS_ORDER = 4  # k-diffusion's and diffusers' default
 UNI_PC_ORDER = 3  # the UniPC paper's choice for guided sampling, and A1111's and ComfyUI's
+
+
+def dpmpp_2m(
+    denoiser: Denoise, x: Tensor, sigmas: Tensor, extra_args: dict | None, generator: GeneratorArg,
+    callback: StepCallback | None, eta: float,
+) -> Tensor:
+    """DPM-Solver++(2M) (Lu et al. 2022, Alg. 2), and with eta > 0 its SDE form (sec. 4.3 / eq. 18,
+    k-diffusion's midpoint variant). With h = log(sigma / sigma') and r = h_{i-1} / h_i:
+
+    x' = (sigma' / sigma) e^{-eta h} x + (1 - e^{-(1 + eta) h}) (D_i + (D_i - D_{i-1}) / (2 r))
+         + sigma' sqrt(1 - e^{-2 eta h}) z
+
+    eta = 0 is Alg. 2 (line 8 rewritten: (1 + 1/(2r)) D_i - 1/(2r) D_{i-1} = D_i + (D_i - D_{i-1}) / (2r));
+    the first-order part is exact for a constant D. The first step is first order, the step to
+    sigma = 0 returns D.
+    """
+    sig, extra = check_args(x, sigmas, extra_args)
+    prev_denoised: Tensor | None = None
+    h_prev = 0.0
+    for i in range(len(sig) - 1):
+        s, s_next = sig[i], sig[i + 1]
+        denoised = call_denoiser(denoiser, x, s, extra)
+        if callback is not None:
+            callback(i, x, denoised)
+        if s_next == 0:
+            return denoised
+        h = math.log(s / s_next)
+        weight = -math.expm1(-(1 + eta) * h)  # 1 - e^{-(1 + eta) h}
+        d = denoised
+        if prev_denoised is not None:
+            d = denoised + (h / h_prev / 2) * (denoised - prev_denoised)  # multistep (midpoint) correction
+        x = (s_next / s) * math.exp(-eta * h) * x + weight * d
+        if eta > 0:
+            x = x + s_next * math.sqrt(-math.expm1(-2 * eta * h)) * randn_like(x, generator)
+        prev_denoised, h_prev = denoised, h
+    return x
 
 
 def sample_dpmpp_2m(
@@ -28,32 +64,8 @@ def sample_dpmpp_2m(
     generator: GeneratorArg = None,
     callback: StepCallback | None = None,
 ) -> Tensor:
-    """DPM-Solver++(2M) (Lu et al. 2022, Alg. 2), a second-order multistep solver in data prediction.
-
-    With lambda = -log(sigma) (log-SNR / 2 in VE form) and h = lambda' - lambda, the first-order
-    update x' = (sigma' / sigma) x + (1 - e^{-h}) D is exact for a constant D; the multistep
-    correction replaces D by (1 + 1/(2r)) D_i - 1/(2r) D_{i-1} with r = h_{i-1} / h_i. The first step
-    and the final step to sigma = 0 are first order (the latter returns D exactly).
-    """
-    sig, extra = check_args(x, sigmas, extra_args)
-    prev_denoised: Tensor | None = None
-    h_prev = 0.0
-    for i in range(len(sig) - 1):
-        s, s_next = sig[i], sig[i + 1]
-        denoised = call_denoiser(denoiser, x, s, extra)
-        if callback is not None:
-            callback(i, x, denoised)
-        if s_next == 0:
-            x = denoised
-            break
-        h = math.log(s / s_next)
-        d = denoised
-        if prev_denoised is not None and h_prev > 0:
-            r = h_prev / h
-            d = (1 + 1 / (2 * r)) * denoised - (1 / (2 * r)) * prev_denoised  # Alg. 2 line 8
-        x = (s_next / s) * x - math.expm1(-h) * d  # Alg. 2 line 9 (VE form)
-        prev_denoised, h_prev = denoised, h
-    return x
+    """DPM-Solver++(2M) (Lu et al. 2022, Alg. 2): second order at one denoiser call per step."""
+    return dpmpp_2m(denoiser, x, sigmas, extra_args, generator, callback, eta=0.0)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -31,6 +31,7 @@ from .sampler_core import (
     euler_to,
     randn_like,
 )
+from .samplers_multistep import dpmpp_2m
 
 __all__ = ["sample_dpmpp_2m_sde", "sample_dpmpp_sde"]
 
@@ -45,35 +46,11 @@ def sample_dpmpp_2m_sde(
     callback: StepCallback | None = None,
     eta: float = 1.0,
 ) -> Tensor:
-    """DPM-Solver++(2M) SDE (Lu et al. 2022 sec. 4.3 / eq. 18; k-diffusion's midpoint form).
-
-    With h = log(sigma / sigma'):
-    x' = (sigma' / sigma) e^{-eta h} x + (1 - e^{-(1 + eta) h}) (D_i + (D_i - D_{i-1}) / (2 r))
-         + sigma' sqrt(1 - e^{-2 eta h}) z,   r = h_{i-1} / h_i.
-    eta = 1 is the SDE solver (diffusers' "sde-dpmsolver++"), eta = 0 is exactly DPM-Solver++(2M).
-    The first step is first order; the step to sigma = 0 returns D.
-    """
+    """DPM-Solver++(2M) SDE (Lu et al. 2022 sec. 4.3; k-diffusion's midpoint form): `dpmpp_2m` with
+    noise. eta = 1 is the SDE solver (diffusers' "sde-dpmsolver++"), eta = 0 is exactly
+    DPM-Solver++(2M); see `samplers_multistep.dpmpp_2m` for the update."""
     check_eta(eta)
-    sig, extra = check_args(x, sigmas, extra_args)
-    prev_denoised: Tensor | None = None
-    h_prev = 0.0
-    for i in range(len(sig) - 1):
-        s, s_next = sig[i], sig[i + 1]
-        denoised = call_denoiser(denoiser, x, s, extra)
-        if callback is not None:
-            callback(i, x, denoised)
-        if s_next == 0:
-            x = denoised
-            break
-        h = math.log(s / s_next)
-        weight = -math.expm1(-(1 + eta) * h)  # 1 - e^{-(1 + eta) h}
-        x = (s_next / s) * math.exp(-eta * h) * x + weight * denoised
-        if prev_denoised is not None:
-            x = x + weight * (h / h_prev / 2) * (denoised - prev_denoised)  # midpoint multistep correction
-        if eta > 0:
-            x = x + s_next * math.sqrt(-math.expm1(-2 * eta * h)) * randn_like(x, generator)
-        prev_denoised, h_prev = denoised, h
-    return x
+    return dpmpp_2m(denoiser, x, sigmas, extra_args, generator, callback, eta)
 
 
 def sample_dpmpp_sde(
