@@ -10,17 +10,19 @@ so an interrupted save never leaves a half-written file under the real name.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Mapping
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from .atomic import atomic_path
+from .build import load_state_strict
 from .config import Config, from_dict, to_dict
 from .errors import CheckpointError, ConfigError
+from .models.vae import AutoencoderKL
 
 PREFIXES = {
     "unet": "model.diffusion_model.",
@@ -34,17 +36,9 @@ FORMAT_VERSION = "1"
 
 def atomic_save_safetensors(tensors: Mapping[str, torch.Tensor], path: str | Path, metadata: dict[str, str]) -> Path:
     """Write `tensors` to `path` via a temporary file in the same directory, fsync, then rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
+    with atomic_path(path) as tmp:
         save_file(dict(tensors), str(tmp), metadata=metadata)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    return Path(path)
 
 
 def save_model_file(path: str | Path, parts: Mapping[str, nn.Module], config: Config) -> Path:
@@ -70,8 +64,6 @@ def read_model_file(path: str | Path) -> tuple[dict[str, dict[str, torch.Tensor]
     if path.is_dir():
         raise CheckpointError(f"{path} is a directory; pass the .safetensors model file inside it")
     try:
-        from safetensors import safe_open
-
         with safe_open(str(path), framework="pt") as f:
             metadata = f.metadata() or {}
         tensors = load_file(str(path))
@@ -104,31 +96,8 @@ def read_model_file(path: str | Path) -> tuple[dict[str, dict[str, torch.Tensor]
     return parts, config
 
 
-def load_state_strict(module: nn.Module, state: Mapping[str, torch.Tensor], what: str) -> None:
-    """`load_state_dict(strict=True)` with an error that names missing, unexpected and mis-shaped keys."""
-    own = module.state_dict()
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    mismatched = [
-        f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
-        for k in own
-        if k in state and state[k].shape != own[k].shape
-    ]
-    if missing or unexpected or mismatched:
-        lines = [f"{what}: the checkpoint does not match the model built from its config"]
-        for label, keys in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", mismatched)):
-            if keys:
-                more = f" (+{len(keys) - 5} more)" if len(keys) > 5 else ""
-                lines.append(f"  {label} ({len(keys)}): {'; '.join(keys[:5])}{more}")
-        lines.append("  check that the config describes the same architecture as the weights")
-        raise CheckpointError("\n".join(lines))
-    module.load_state_dict(state, strict=True)
-
-
-def load_vae_file(path: str | Path):
+def load_vae_file(path: str | Path) -> AutoencoderKL:
     """The autoencoder of a model file (a stage-1 VAE file or a whole model), with its config."""
-    from .models.vae import AutoencoderKL
-
     parts, config = read_model_file(path)
     if config is None or not parts["vae"]:
         raise CheckpointError(f"{path} holds no VAE (no first_stage_model.* tensors with a config)")

@@ -1,23 +1,18 @@
-"""Typed configs: dataclasses filled from YAML with `base:` inheritance and `key=value` overrides.
+"""Typed configs: the dataclasses of a config file (model, sampling defaults, data, training) and `load_config`.
 
 A config file is data only. It may name a `base:` file (relative to itself) whose values it
 overrides key by key; mappings merge recursively, everything else replaces. Unknown keys are
 errors that suggest the nearest valid key, so a typo never silently falls back to a default.
+The generic machinery (YAML, overrides, dataclasses from plain data) is `ldm.config_io`.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import difflib
-import json
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
-import yaml
-
+from .config_io import apply_overrides, from_dict, load_yaml, resolve_config, to_dict  # noqa: F401 (to_dict: re-exported)
 from .errors import ConfigError
 
 # ---------------------------------------------------------------------------------------------
@@ -25,6 +20,7 @@ from .errors import ConfigError
 # ---------------------------------------------------------------------------------------------
 
 PREDICTION_TYPES = ("eps", "v", "x0")
+SD_SCALING_FACTOR = 0.18215  # the latent scale of the Stable Diffusion 1.x / 2.x VAE (about 1 / std of its latents)
 BETA_SCHEDULES = ("linear", "scaled_linear", "cosine")
 TEXT_ENCODER_KINDS = ("hf_clip", "open_clip")
 TEXT_LAYERS = ("last", "penultimate")
@@ -101,7 +97,7 @@ class VAEConfig:
     attn_resolutions: tuple[int, ...] = ()  # extra attention levels besides the mid block (SD: none)
     norm_groups: int = 32
     dropout: float = 0.0
-    scaling_factor: float = 0.18215  # latents are multiplied by this before diffusion (1/std)
+    scaling_factor: float = SD_SCALING_FACTOR  # latents are multiplied by this before diffusion (1/std)
 
     def validate(self) -> None:
         for mult in (1, *self.ch_mult):
@@ -204,6 +200,12 @@ class ModelConfig:
             raise ConfigError(
                 f"unet.out_channels ({self.unet.out_channels}) must equal vae.embed_dim ({latent})"
             )
+
+    @property
+    def inpainting(self) -> bool:
+        """An inpainting U-Net: it takes the latent mask and the masked image's latents beside the
+        noisy latents (in_channels = 2 * vae.embed_dim + 1)."""
+        return self.unet.in_channels == 2 * self.vae.embed_dim + 1
 
     @property
     def latent_factor(self) -> int:
@@ -367,150 +369,18 @@ class Config:
 
 
 # ---------------------------------------------------------------------------------------------
-# Loading, merging, overriding
+# Loading
 # ---------------------------------------------------------------------------------------------
 
 
-def load_yaml(path: str | Path) -> dict:
-    """Read a YAML config, resolving `base:` chains (paths relative to the including file)."""
-    path = Path(path)
-    return _load_yaml(path, seen=())
-
-
-def _load_yaml(path: Path, seen: tuple[Path, ...]) -> dict:
-    if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
-    resolved = path.resolve()
-    if resolved in seen:
-        chain = " -> ".join(str(p) for p in (*seen, resolved))
-        raise ConfigError(f"config `base:` chain loops: {chain}")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path} is not valid YAML: {e}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path} must hold a mapping at the top level (got {type(data).__name__})")
-    base = data.pop("base", None)
-    if base is None:
-        return data
-    return merge(_load_yaml(path.parent / base, (*seen, resolved)), data)
-
-
-def merge(base: dict, override: dict) -> dict:
-    """Recursive dict merge: mappings merge, everything else in `override` replaces."""
-    out = dict(base)
-    for key, value in override.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = merge(out[key], value)
-        else:
-            out[key] = value
-    return out
-
-
-def apply_overrides(data: dict, overrides: Sequence[str]) -> dict:
-    """Apply command-line `a.b.c=value` overrides; values are parsed as YAML (`3`, `true`, `[1,2]`)."""
-    data = dict(data)
-    for item in overrides:
-        key, sep, raw = item.partition("=")
-        if not sep or not key:
-            raise ConfigError(f"override {item!r} must look like key=value, e.g. model.unet.model_channels=64")
-        value = yaml.safe_load(raw) if raw else ""
-        patch: Any = value
-        for part in reversed(key.strip().split(".")):
-            patch = {part: patch}
-        data = merge(data, patch)
-    return data
-
-
-def from_dict(cls: type, data: Any, where: str = "") -> Any:
-    """Build dataclass `cls` from plain data, checking every key and type."""
-    return _convert(cls, data, where or cls.__name__)
-
-
-def to_dict(obj: Any) -> Any:
-    """Dataclass -> plain data (tuples become lists) for YAML/JSON."""
-    if dataclasses.is_dataclass(obj):
-        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
-    if isinstance(obj, (list, tuple)):
-        return [to_dict(v) for v in obj]
-    return obj
-
-
 def load_config(path_or_data: str | Path | dict, overrides: Sequence[str] = ()) -> Config:
-    """Load and validate a config from a YAML path (or an already-parsed dict)."""
-    data = load_yaml(path_or_data) if isinstance(path_or_data, (str, Path)) else dict(path_or_data)
+    """Load and validate a config from a YAML path, the name of a shipped config ("sd15", "sd_tiny"),
+    or an already-parsed dict."""
+    if isinstance(path_or_data, (str, Path)):
+        data = load_yaml(resolve_config(path_or_data))
+    else:
+        data = dict(path_or_data)
     data = apply_overrides(data, overrides)
     cfg = from_dict(Config, data)
     cfg.validate()
     return cfg
-
-
-def model_config_to_json(cfg: ModelConfig) -> str:
-    return json.dumps(to_dict(cfg), sort_keys=True)
-
-
-def model_config_from_json(text: str) -> ModelConfig:
-    cfg = from_dict(ModelConfig, json.loads(text), "model")
-    cfg.validate()
-    return cfg
-
-
-def _convert(tp: Any, value: Any, where: str) -> Any:
-    origin = typing.get_origin(tp)
-    if dataclasses.is_dataclass(tp):
-        if value is None:
-            value = {}
-        if not isinstance(value, dict):
-            raise ConfigError(f"{where} must be a mapping (got {value!r})")
-        hints = typing.get_type_hints(tp)
-        names = [f.name for f in dataclasses.fields(tp) if f.init]
-        unknown = [k for k in value if k not in names]
-        if unknown:
-            key = unknown[0]
-            close = difflib.get_close_matches(str(key), names, n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else f"; valid keys: {', '.join(names)}"
-            raise ConfigError(f"unknown key {where}.{key}{hint}")
-        kwargs = {k: _convert(hints[k], v, f"{where}.{k}") for k, v in value.items()}
-        return tp(**kwargs)
-    if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _convert(arg, value, where)
-            except ConfigError as e:
-                errors.append(str(e))
-        raise ConfigError(errors[0] if errors else f"{where}: bad value {value!r}")
-    if origin is tuple:
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{where} must be a list (got {value!r})")
-        (item, *rest) = typing.get_args(tp)
-        return tuple(_convert(item, v, f"{where}[{i}]") for i, v in enumerate(value))
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{where} must be true or false (got {value!r})")
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{where} must be an integer (got {value!r})")
-        return value
-    if tp is float:
-        if isinstance(value, str):  # YAML 1.1 reads `1e-3` (no dot) as a string
-            try:
-                value = float(value)
-            except ValueError:
-                pass
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{where} must be a number (got {value!r})")
-        return float(value)
-    if tp is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{where} must be a string (got {value!r})")
-        return value
-    if tp is Any:
-        return value
-    raise TypeError(f"config type {tp} at {where} is not supported")

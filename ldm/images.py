@@ -1,5 +1,10 @@
-"""Pixels in: every picture the project reads (training data, shard writing, img2img, masks) is
-decoded by `decode_image`, so a photo looks the same to the trainer and to the pipeline.
+"""Pictures in and out: decoding files, image and mask tensors, grids, PNGs with their settings.
+
+Every picture the project reads (training data, shard writing, img2img, masks) is decoded by
+`decode_image`, so a photo looks the same to the trainer and to the pipeline; `load_image` and
+`load_mask` turn pictures into the tensors the pipeline takes, `to_pil` and `make_grid` turn
+tensors back into pictures, and `save_png` writes one atomically with its settings in the PNG text
+chunks (built by `png_info`, the one place that decides what a file records).
 
 What it does to a file, in order:
 - EXIF orientation is applied (a phone photo stored sideways comes out the right way up);
@@ -12,14 +17,22 @@ What it does to a file, in order:
 from __future__ import annotations
 
 import io
+import math
 from pathlib import Path
-from typing import Union
+from typing import Callable, Mapping, Sequence, Union
 
 import numpy as np
+import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL.PngImagePlugin import PngInfo
+
+from .atomic import atomic_path
 
 # What `decode_image` accepts: encoded bytes, a file path, or an already open PIL image.
 ImageSource = Union[bytes, bytearray, memoryview, str, Path, Image.Image]
+
+# An input picture of the pipeline: a PIL image, a file path, a list of those, or a tensor in [0, 1].
+ImageInput = Union[Image.Image, str, Path, torch.Tensor, Sequence[Union[Image.Image, str, Path]]]
 
 # Transparent pixels are composited over this colour.
 BACKGROUND = (255, 255, 255)
@@ -106,3 +119,124 @@ def _wide_grey_to_rgb(im: Image.Image) -> Image.Image:
         grey = np.clip(a, 0, top) * (255 / top)
     g = Image.fromarray(np.round(grey).astype(np.uint8), mode="L")
     return g.convert("RGB")
+
+
+# ---------------------------------------------------------------------------------------------
+# Pictures <-> tensors
+# ---------------------------------------------------------------------------------------------
+
+
+def load_image(image: ImageInput) -> torch.Tensor:
+    """A picture (PIL image, path, list of those, or tensor) -> float32 (B, 3, H, W) in [0, 1], CPU.
+
+    Tensors must be (B, 3, H, W) or (3, H, W) with values in [0, 1]. Files and PIL images are
+    decoded by `decode_image` (EXIF orientation, 16-bit grey, CMYK, alpha over white)."""
+    if isinstance(image, torch.Tensor):
+        return _tensor_batch(image, channels=3, min_ndim=3, what="image", shapes="(B, 3, H, W) or (3, H, W)")
+    tensors = _decode_all(image, decode_image, "image")
+    if len({t.shape for t in tensors}) > 1:
+        raise ValueError(f"images differ in size ({', '.join(f'{t.shape[2]}x{t.shape[1]}' for t in tensors)}); "
+                         "resize them to one size first")
+    return torch.stack(tensors)
+
+
+def load_mask(mask: ImageInput) -> torch.Tensor:
+    """An inpainting mask -> float32 (B, 1, H, W) in [0, 1], CPU; 1 (white) = repaint, 0 (black) = keep.
+
+    PIL images (any mode) are converted to grey by `decode_grey`; tensors may be (H, W), (1, H, W) or
+    (B, 1, H, W) with values in [0, 1]. Values between 0 and 1 feather the final paste."""
+    if isinstance(mask, torch.Tensor):
+        return _tensor_batch(mask, channels=1, min_ndim=2, what="mask", shapes="(H, W), (1, H, W) or (B, 1, H, W)")
+    tensors = _decode_all(mask, decode_grey, "mask")
+    if len({t.shape for t in tensors}) > 1:
+        raise ValueError("masks differ in size; resize them to the image size first")
+    return torch.stack(tensors)
+
+
+def _tensor_batch(x: torch.Tensor, *, channels: int, min_ndim: int, what: str, shapes: str) -> torch.Tensor:
+    """A tensor in [0, 1] of `min_ndim` to 4 dimensions -> float32 (B, channels, H, W) on the CPU
+    (missing leading dimensions become 1); `shapes` names the accepted shapes in the error."""
+    t = x.detach().to("cpu", torch.float32)
+    if min_ndim <= t.ndim < 4:
+        t = t.reshape((1,) * (4 - t.ndim) + tuple(t.shape))
+    if t.ndim != 4 or t.shape[1] != channels:
+        raise ValueError(f"{what} tensor must have shape {shapes} (got {tuple(x.shape)})")
+    _check_unit_range(t, what)
+    return t
+
+
+def _decode_all(pictures: ImageInput, decode: Callable[[ImageSource], Image.Image], what: str) -> list[torch.Tensor]:
+    """A picture or a list of pictures (PIL images or paths), each decoded -> float32 (C, H, W) in [0, 1]."""
+    items = [pictures] if isinstance(pictures, (Image.Image, str, Path)) else list(pictures)
+    if not items:
+        raise ValueError(f"{what} list is empty")
+    return [_pil_to_tensor(decode(item)) for item in items]
+
+
+def _pil_to_tensor(image: Image.Image) -> torch.Tensor:
+    """8-bit PIL image -> float32 (C, H, W) in [0, 1]."""
+    array = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8)
+    channels = len(image.getbands())
+    return array.reshape(image.height, image.width, channels).permute(2, 0, 1).float() / 255
+
+
+def _check_unit_range(x: torch.Tensor, name: str) -> None:
+    lo, hi = float(x.min()), float(x.max())
+    if not (math.isfinite(lo) and math.isfinite(hi)) or lo < 0 or hi > 1:
+        raise ValueError(f"{name} tensor values must be in [0, 1] (got {lo:.3g} .. {hi:.3g}); "
+                         "for [-1, 1] data pass (x + 1) / 2")
+
+
+def to_pil(image: torch.Tensor) -> Image.Image:
+    """(3, H, W) in [0, 1] -> 8-bit RGB PIL image."""
+    array = (image.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+    return Image.fromarray(array, mode="RGB")
+
+
+def make_grid(images: Sequence[Image.Image], cols: int | None = None) -> Image.Image:
+    """Tile images row by row into one picture (about square by default)."""
+    if not images:
+        raise ValueError("make_grid needs at least one image")
+    cols = cols or math.ceil(math.sqrt(len(images)))
+    rows = math.ceil(len(images) / cols)
+    w, h = images[0].size
+    grid = Image.new("RGB", (cols * w, rows * h), "white")
+    for i, img in enumerate(images):
+        grid.paste(img, ((i % cols) * w, (i // cols) * h))
+    return grid
+
+
+# ---------------------------------------------------------------------------------------------
+# PNG files with their settings
+# ---------------------------------------------------------------------------------------------
+
+# The settings of `image.info` that `png_info` writes, each under its own key.
+PNG_FIELDS = ("prompt", "negative_prompt", "seed", "sampler", "steps", "cfg", "spacing", "width", "height", "strength")
+
+
+def png_info(info: Mapping, model: str | None = None) -> PngInfo:
+    """The PNG text chunks of an image whose settings are `info` (a generated image's `image.info`):
+    each setting on its own key, plus the common one-string `parameters` form."""
+    meta = PngInfo()
+    for key in PNG_FIELDS:
+        if key in info:
+            meta.add_text(key, str(info[key]))
+    if model:
+        meta.add_text("model", str(model))
+    parameters = (
+        f"{info.get('prompt', '')}\nNegative prompt: {info.get('negative_prompt', '')}\n"
+        f"Steps: {info.get('steps')}, Sampler: {info.get('sampler')}, CFG scale: {info.get('cfg')}, "
+        f"Seed: {info.get('seed')}, Size: {info.get('width')}x{info.get('height')}"
+        + (f", Denoising strength: {info['strength']}" if "strength" in info else "")
+        + (f", Model: {Path(model).name}" if model else "")
+    )
+    meta.add_text("parameters", parameters)
+    return meta
+
+
+def save_png(image: Image.Image, path: str | Path, *, info: Mapping | None = None, model: str | None = None) -> Path:
+    """Write `image` as a PNG atomically, with the settings `info` (default: `image.info`) in its text chunks."""
+    path = Path(path)
+    with atomic_path(path, fsync=False) as tmp:
+        image.save(tmp, format="PNG", pnginfo=png_info(image.info if info is None else info, model))
+    return path

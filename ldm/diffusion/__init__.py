@@ -33,7 +33,6 @@ from .samplers import (
 from .samplers_multistep import sample_dpmpp_2m, sample_lms, sample_uni_pc, sample_uni_pc_bh2
 from .samplers_sde import sample_dpmpp_2m_sde, sample_dpmpp_sde
 from .schedule import (
-    BETA_KINDS,
     MIN_ALPHA_CUMPROD,
     SPACINGS,
     Schedule,
@@ -43,7 +42,6 @@ from .schedule import (
 )
 
 __all__ = [
-    "BETA_KINDS",
     "MIN_ALPHA_CUMPROD",
     "SPACINGS",
     "Schedule",

@@ -17,9 +17,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from ..config import DiffusionConfig
+from ..config import BETA_SCHEDULES, DiffusionConfig
 
-BETA_KINDS = ("linear", "scaled_linear", "cosine")
 SPACINGS = ("leading", "trailing", "linspace", "karras", "exponential", "simple", "sgm_uniform")
 
 # With a zero-terminal-SNR schedule alphas_cumprod[-1] == 0 and the VE sigma of the last step is
@@ -53,7 +52,7 @@ def make_betas(kind: str, num_timesteps: int, beta_start: float, beta_end: float
         alpha_bar = f / f[0]
         # beta_t = 1 - alpha_bar(t) / alpha_bar(t - 1), clipped to avoid a singular last step
         return (1 - alpha_bar[1:] / alpha_bar[:-1]).clamp(max=0.999)
-    raise ValueError(f"unknown beta schedule {kind!r}; valid kinds: {', '.join(BETA_KINDS)}")
+    raise ValueError(f"unknown beta schedule {kind!r}; valid kinds: {', '.join(BETA_SCHEDULES)}")
 
 
 def rescale_zero_terminal_snr(betas: Tensor) -> Tensor:

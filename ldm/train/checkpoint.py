@@ -11,7 +11,6 @@ half-written state that `latest` points to.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 from typing import Any, Mapping
@@ -19,28 +18,12 @@ from typing import Any, Mapping
 import torch
 from safetensors.torch import load_file, save_file
 
+from ..atomic import atomic_dir, write_text_atomic
 from ..errors import CheckpointError
 
 STATE_PREFIX = "state-"
 LATEST = "latest"
 META = "meta.json"
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def save_training_state(
@@ -61,29 +44,15 @@ def save_training_state(
     output_dir.mkdir(parents=True, exist_ok=True)
     name = f"{STATE_PREFIX}{step:08d}"
     final = output_dir / name
-    tmp = output_dir / f".{name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
+    # an existing state of the same step (e.g. on interrupt right after a periodic save) is replaced
+    with atomic_dir(final) as tmp:
         for part, state in weights.items():
             file = tmp / f"{part}.safetensors"
             save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(file))
         torch.save(dict(trainer), tmp / "trainer.pt")
         (tmp / "config.json").write_text(config_json)
         (tmp / META).write_text(json.dumps({**meta, "step": step}, indent=2))
-        for file in tmp.iterdir():
-            with open(file, "rb") as f:
-                os.fsync(f.fileno())
-        _fsync_dir(tmp)
-        if final.exists():  # re-saving the same step (e.g. on interrupt right after a periodic save)
-            old = output_dir / f".{name}.old-{os.getpid()}"
-            os.replace(final, old)
-            shutil.rmtree(old)
-        os.replace(tmp, final)
-        _fsync_dir(output_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    _write_text_atomic(output_dir / LATEST, name + "\n")
+    write_text_atomic(output_dir / LATEST, name + "\n")
     for stale in list_states(output_dir)[:-keep]:
         shutil.rmtree(stale, ignore_errors=True)
     return final

@@ -1,0 +1,130 @@
+"""SamplingOptions: everything besides the model and the input pictures that decides a generated image.
+
+`LDMPipeline.generate`, `img2img` and `inpaint` take its fields as keyword arguments
+(`pipe.generate("a red circle", steps=30, cfg=7.5, seed=0)`, or `pipe.generate(**options.to_dict())`),
+the command-line tools build one from their flags, and every generated image records its own
+resolved copy in `image.info` (one prompt, its seed, the model's defaults filled in), which is what
+the PNG writer stores. A new sampling option is one new field here (and its use in the pipeline);
+`to_dict` / `from_dict` carry it through JSON.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any, Mapping, Sequence
+
+from .config import SampleConfig
+from .diffusion import STOCHASTIC_SAMPLERS, resolve_sampler
+
+
+@dataclass
+class SamplingOptions:
+    """One generation request. None means "the model's default" (its config's `sample` section) or,
+    for `seed`, a random seed (each image records the seed it got)."""
+
+    prompt: str | list[str] = ""
+    negative_prompt: str | list[str] | None = None  # what to steer away from; None: the model's default
+    steps: int | None = None
+    cfg: float | None = None  # classifier-free guidance scale; 1 turns guidance off
+    sampler: str | None = None  # a name in ldm.diffusion.SAMPLER_NAMES
+    spacing: str | None = None  # timestep spacing; None: karras for *_karras samplers, else trailing
+    eta: float | None = None  # noise scale of the stochastic samplers (ddim, euler_a); None: theirs
+    guidance_rescale: float = 0.0  # CFG rescale (Lin et al. 2024), in [0, 1]
+    seed: int | None = None  # seed of the first image; image k of a call uses seed + k
+    num_images: int = 1  # images per prompt
+    height: int | None = None  # text-to-image only (img2img and inpaint draw at their image's size)
+    width: int | None = None
+    strength: float | None = None  # img2img and inpaint only: the noise level to start from, in [0, 1]
+
+    @staticmethod
+    def names() -> tuple[str, ...]:
+        return tuple(f.name for f in dataclasses.fields(SamplingOptions))
+
+    def to_dict(self) -> dict[str, Any]:
+        """Every field as plain JSON-ready data (several prompts as a list)."""
+        out = dataclasses.asdict(self)
+        for key in ("prompt", "negative_prompt"):
+            if isinstance(out[key], tuple):
+                out[key] = list(out[key])
+        return out
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> SamplingOptions:
+        """The options `to_dict` wrote (or a JSON request); unknown keys are an error that names them.
+        Values are checked when the options are used (`resolved`)."""
+        unknown = sorted(set(data) - set(cls.names()))
+        if unknown:
+            raise ValueError(f"unknown sampling options: {', '.join(unknown)}; valid: {', '.join(cls.names())}")
+        return cls(**data)
+
+    def replace(self, **changes: Any) -> SamplingOptions:
+        return dataclasses.replace(self, **changes)
+
+    def resolved(self, defaults: SampleConfig) -> SamplingOptions:
+        """A copy with the model's defaults filled in (steps, cfg, sampler, negative prompt; the spacing
+        from the sampler) and every value checked: a ValueError names the bad one and the fix."""
+        steps = defaults.steps if self.steps is None else self.steps
+        cfg = defaults.cfg if self.cfg is None else self.cfg
+        sampler = self.sampler or defaults.sampler
+        negative = defaults.negative_prompt if self.negative_prompt is None else self.negative_prompt
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+            raise ValueError(f"steps must be an integer >= 1 (got {steps!r}); 20-50 is typical")
+        if isinstance(self.num_images, bool) or not isinstance(self.num_images, int) or self.num_images < 1:
+            raise ValueError(f"num_images must be an integer >= 1 (got {self.num_images!r})")
+        if not isinstance(cfg, (int, float)) or not math.isfinite(cfg) or cfg < 0:
+            raise ValueError(f"cfg must be a finite number >= 0 (got {cfg!r}); 7.5 is typical, 1 turns guidance off")
+        rescale = self.guidance_rescale
+        if not isinstance(rescale, (int, float)) or not math.isfinite(rescale) or not 0 <= rescale <= 1:
+            raise ValueError(f"guidance_rescale must be in [0, 1] (got {rescale!r}); 0.7 is typical")
+        if self.strength is not None:
+            check_strength(self.strength)
+        _, default_spacing = resolve_sampler(sampler)
+        base = sampler.removesuffix("_karras") if default_spacing else sampler
+        if self.eta is not None and base not in STOCHASTIC_SAMPLERS:
+            raise ValueError(
+                f"eta applies only to stochastic samplers ({', '.join(sorted(STOCHASTIC_SAMPLERS))}); "
+                f"{sampler!r} is deterministic"
+            )
+        spacing = self.spacing or default_spacing or "trailing"
+        strength = None if self.strength is None else float(self.strength)
+        return self.replace(negative_prompt=negative, steps=steps, cfg=cfg, sampler=sampler, spacing=spacing,
+                            strength=strength)
+
+    def image_info(self) -> dict[str, Any]:
+        """What one generated image records in `image.info`: these (resolved, one-image) options without
+        the ones that are None (no strength for text-to-image, no eta unless given) and `num_images`."""
+        info = {k: v for k, v in self.to_dict().items() if v is not None and k != "num_images"}
+        info["seed"] = self.seed  # None when the caller passed generators instead of a seed
+        return info
+
+
+def check_strength(strength: float) -> float:
+    if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0 <= strength <= 1:
+        raise ValueError(
+            f"strength must be a number in [0, 1] (got {strength!r}); "
+            "0 keeps the image, 1 ignores it, 0.75 is typical"
+        )
+    return float(strength)
+
+
+def check_prompts(prompt: str | Sequence[str]) -> list[str]:
+    """A prompt or a list of prompts -> a non-empty list of strings."""
+    prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+    if not prompts:
+        raise ValueError("prompt list is empty; pass a string or a non-empty list of strings")
+    bad = [i for i, p in enumerate(prompts) if not isinstance(p, str)]
+    if bad:
+        raise TypeError(f"prompts must be strings; item {bad[0]} is {type(prompts[bad[0]]).__name__}")
+    return prompts
+
+
+def check_negatives(negative: str | Sequence[str], n: int) -> list[str]:
+    """One negative prompt for all `n` prompts, or one per prompt -> a list of `n`."""
+    negatives = [negative] * n if isinstance(negative, str) else list(negative)
+    if len(negatives) != n:
+        raise ValueError(
+            f"got {len(negatives)} negative prompts for {n} prompts; pass one string or one per prompt"
+        )
+    return negatives
