@@ -8,7 +8,7 @@
 from .config import Config, ModelConfig, load_config
 
 __version__ = "0.1.0"
-__all__ = ["LDMPipeline", "Config", "ModelConfig", "load_config", "__version__"]
+__all__ = ["LDMPipeline", "SamplingOptions", "Config", "ModelConfig", "load_config", "__version__"]
 
 
 def __getattr__(name: str):
@@ -17,4 +17,8 @@ def __getattr__(name: str):
         from .pipeline import LDMPipeline
 
         return LDMPipeline
+    if name == "SamplingOptions":
+        from .options import SamplingOptions
+
+        return SamplingOptions
     raise AttributeError(f"module 'ldm' has no attribute {name!r}")

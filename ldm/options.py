@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
 from .config import SampleConfig
-from .diffusion import STOCHASTIC_SAMPLERS, resolve_sampler
+from .diffusion import STOCHASTIC_SAMPLERS, parse_sampler
 
 
 @dataclass
@@ -28,9 +28,9 @@ class SamplingOptions:
     negative_prompt: str | list[str] | None = None  # what to steer away from; None: the model's default
     steps: int | None = None
     cfg: float | None = None  # classifier-free guidance scale; 1 turns guidance off
-    sampler: str | None = None  # a name in ldm.diffusion.SAMPLER_NAMES
-    spacing: str | None = None  # timestep spacing; None: karras for *_karras samplers, else trailing
-    eta: float | None = None  # noise scale of the stochastic samplers (ddim, euler_a); None: theirs
+    sampler: str | None = None  # ours (ldm.diffusion.SAMPLER_NAMES), or an A1111 / ComfyUI name
+    spacing: str | None = None  # timestep spacing or A1111 schedule type; None: the sampler's, else trailing
+    eta: float | None = None  # noise scale of the stochastic samplers (STOCHASTIC_SAMPLERS); None: theirs
     guidance_rescale: float = 0.0  # CFG rescale (Lin et al. 2024), in [0, 1]
     seed: int | None = None  # seed of the first image; image k of a call uses seed + k
     num_images: int = 1  # images per prompt
@@ -80,14 +80,13 @@ class SamplingOptions:
             raise ValueError(f"guidance_rescale must be in [0, 1] (got {rescale!r}); 0.7 is typical")
         if self.strength is not None:
             check_strength(self.strength)
-        _, default_spacing = resolve_sampler(sampler)
-        base = sampler.removesuffix("_karras") if default_spacing else sampler
-        if self.eta is not None and base not in STOCHASTIC_SAMPLERS:
+        choice = parse_sampler(sampler, self.spacing)  # ours, A1111's or ComfyUI's names
+        if self.eta is not None and choice.sampler not in STOCHASTIC_SAMPLERS:
             raise ValueError(
                 f"eta applies only to stochastic samplers ({', '.join(sorted(STOCHASTIC_SAMPLERS))}); "
                 f"{sampler!r} is deterministic"
             )
-        spacing = self.spacing or default_spacing or "trailing"
+        sampler, spacing = choice.sampler, choice.spacing or "trailing"
         strength = None if self.strength is None else float(self.strength)
         return self.replace(negative_prompt=negative, steps=steps, cfg=cfg, sampler=sampler, spacing=spacing,
                             strength=strength)

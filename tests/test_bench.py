@@ -3,18 +3,17 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
+from helpers import CONFIGS, ROOT, TINY
 from ldm import LDMPipeline
 from ldm import bench
 from ldm.bench import BenchOptions, MismatchError, Row, count_flops, format_table, run_bench
+from ldm.config import resolve_config
 
-ROOT = Path(__file__).resolve().parents[1]
-TINY = ROOT / "tests" / "configs" / "tiny64.yaml"
 ROW_KEYS = {f.name for f in dataclasses.fields(Row)}
 MODEL_ROWS = {"unet", "train", "vae", "generate_2"}
 DATA_ROWS = {"data_shapes", "data_shards", "data_latents"}
@@ -154,7 +153,7 @@ def test_speed_switches_are_applied_and_still_agree_with_diffusers():
 
 
 def test_config_names_and_bad_options_are_clear_errors():
-    assert bench.resolve_config("sd15") == ROOT / "configs" / "sd15.yaml"
+    assert resolve_config("sd15") == CONFIGS / "sd15.yaml"
     with pytest.raises(ValueError, match=r"config 'nope' not found: .*sd15.*sd_tiny"):
         run_bench(tiny_options(config="nope"))
     with pytest.raises(ValueError, match=r"unknown workloads \['unets'\]; choose from unet, train"):

@@ -3,7 +3,6 @@ classes open and run to our numbers, strict loading, and the convert tool end to
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -14,14 +13,13 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
+from helpers import CONFIGS, ROOT, TINY
 from ldm.bench import randomize_weights_
 from ldm.config import Config, load_config, to_dict
 from ldm.convert.diffusers import (
     EXTRA_FILE,
     WEIGHT_STEMS,
-    load_diffusers,
     read_diffusers_config,
-    save_diffusers,
     scheduler_config_to_diffusers,
     text_config_to_diffusers,
     unet_config_from_diffusers,
@@ -29,14 +27,13 @@ from ldm.convert.diffusers import (
     vae_config_to_diffusers,
     write_tokenizer,
 )
+from ldm.cli.convert import main
 from ldm.errors import CheckpointError, ConfigError
 from ldm.pipeline import LDMPipeline
 
 diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")
 
-ROOT = Path(__file__).resolve().parents[1]
-TINY = ROOT / "tests" / "configs" / "tiny64.yaml"
 SMALL = ["sample.height=32", "sample.width=32"]
 
 # SD 1.x-like: HF CLIP, heads by count, 1x1-conv transformer projections.
@@ -79,19 +76,19 @@ def folder_tensors(folder: Path) -> dict[str, torch.Tensor]:
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
 def test_ours_to_diffusers_to_ours_is_bit_exact(tmp_path, variant):
     pipe = make_pipe(variant)
-    folder = save_diffusers(pipe, tmp_path / "model")
-    back = load_diffusers(folder)
+    folder = pipe.save_diffusers(tmp_path / "model")
+    back = LDMPipeline.from_diffusers(folder)
     assert_same_weights(pipe, back)
     assert back.model_config == pipe.model_config
     assert back.defaults == pipe.defaults
     # the same folder again, written over the first
-    save_diffusers(back, folder)
-    assert_same_weights(pipe, load_diffusers(folder))
+    back.save_diffusers(folder)
+    assert_same_weights(pipe, LDMPipeline.from_diffusers(folder))
 
 
 def test_penultimate_text_encoder_is_exported_one_layer_shorter(tmp_path):
     pipe = make_pipe("sd2")
-    folder = save_diffusers(pipe, tmp_path / "model")
+    folder = pipe.save_diffusers(tmp_path / "model")
     text_cfg = json.loads((folder / "text_encoder" / "config.json").read_text())
     assert text_cfg["num_hidden_layers"] == 2 and text_cfg["hidden_act"] == "gelu"
     extra = load_file(folder / "text_encoder" / EXTRA_FILE)
@@ -138,12 +135,12 @@ def test_diffusers_to_ours_to_diffusers_is_bit_exact(tmp_path, kind):
     write_tokenizer(src / "tokenizer", kind)  # SD 2.x folders pad with "!": that marks OpenCLIP
     (src / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
 
-    pipe = load_diffusers(src)
+    pipe = LDMPipeline.from_diffusers(src)
     cfg = pipe.model_config
     assert cfg.text_encoder.kind == kind and cfg.text_encoder.layers == 2 and cfg.text_encoder.layer == "last"
     assert cfg.unet.num_head_channels == 16 and cfg.unet.attention_resolutions == (1,)
     assert cfg.diffusion.prediction_type == "v"
-    out = save_diffusers(pipe, tmp_path / "out")
+    out = pipe.save_diffusers(tmp_path / "out")
     a, b = folder_tensors(src), folder_tensors(out)
     assert a.keys() == b.keys()
     for key in a:
@@ -162,7 +159,7 @@ def test_saved_folder_opens_and_runs_in_diffusers(tmp_path, variant):
     from transformers import CLIPTextModel, CLIPTokenizer
 
     pipe = make_pipe(variant)
-    folder = save_diffusers(pipe, tmp_path / "model")
+    folder = pipe.save_diffusers(tmp_path / "model")
     unet = UNet2DConditionModel.from_pretrained(folder / "unet").eval()
     vae = AutoencoderKL.from_pretrained(folder / "vae").eval()
     text = CLIPTextModel.from_pretrained(folder / "text_encoder").eval()
@@ -192,21 +189,21 @@ def test_saved_folder_opens_and_runs_in_diffusers(tmp_path, variant):
 
 
 def test_stray_or_missing_tensor_is_an_error_naming_it(tmp_path):
-    folder = save_diffusers(make_pipe("sd1"), tmp_path / "model")
+    folder = make_pipe("sd1").save_diffusers(tmp_path / "model")
     path = folder / "unet" / "diffusion_pytorch_model.safetensors"
     state = load_file(path)
     save_file({**state, "down_blocks.0.extra.weight": torch.zeros(2)}, path)
     with pytest.raises(CheckpointError, match=r"unexpected \(1\): down_blocks\.0\.extra\.weight"):
-        load_diffusers(folder)
+        LDMPipeline.from_diffusers(folder)
     state.pop("conv_in.bias")
     save_file(state, path)
     with pytest.raises(CheckpointError, match=r"missing \(1\): conv_in\.bias"):
-        load_diffusers(folder)
+        LDMPipeline.from_diffusers(folder)
 
 
 def test_bin_weights_and_fp16_variants_load(tmp_path):
     pipe = make_pipe("sd1")
-    folder = save_diffusers(pipe, tmp_path / "model")
+    folder = pipe.save_diffusers(tmp_path / "model")
     unet_file = folder / "unet" / "diffusion_pytorch_model.safetensors"
     torch.save(load_file(unet_file), unet_file.with_suffix(".bin"))  # a pickle, read with weights_only
     unet_file.unlink()
@@ -214,7 +211,7 @@ def test_bin_weights_and_fp16_variants_load(tmp_path):
     half = {k: v.half() for k, v in load_file(vae_file).items()}
     save_file(half, folder / "vae" / "diffusion_pytorch_model.fp16.safetensors")
     vae_file.unlink()
-    back = load_diffusers(folder)
+    back = LDMPipeline.from_diffusers(folder)
     for key, value in pipe.unet.state_dict().items():
         assert torch.equal(back.unet.state_dict()[key], value), key
     for key, value in pipe.vae.state_dict().items():
@@ -222,7 +219,7 @@ def test_bin_weights_and_fp16_variants_load(tmp_path):
 
 
 def test_stale_ldm_config_gives_way_to_the_config_files(tmp_path):
-    folder = save_diffusers(make_pipe("sd1"), tmp_path / "model")
+    folder = make_pipe("sd1").save_diffusers(tmp_path / "model")
     path = folder / "scheduler" / "scheduler_config.json"
     sched = json.loads(path.read_text())
     path.write_text(json.dumps({**sched, "prediction_type": "v_prediction"}))
@@ -232,8 +229,8 @@ def test_stale_ldm_config_gives_way_to_the_config_files(tmp_path):
 
 
 def test_public_configs_map_to_diffusers_conventions():
-    sd15 = load_config(ROOT / "configs" / "sd15.yaml").model
-    sd21 = load_config(ROOT / "configs" / "sd21.yaml").model
+    sd15 = load_config(CONFIGS / "sd15.yaml").model
+    sd21 = load_config(CONFIGS / "sd21.yaml").model
     u15, u21 = unet_config_to_diffusers(sd15.unet), unet_config_to_diffusers(sd21.unet)
     assert u15["attention_head_dim"] == 8 and not u15["use_linear_projection"]
     assert u21["attention_head_dim"] == [5, 10, 20, 20] and u21["use_linear_projection"]
@@ -248,21 +245,21 @@ def test_public_configs_map_to_diffusers_conventions():
     s = scheduler_config_to_diffusers(sd15.diffusion)
     assert (s["beta_schedule"], s["prediction_type"], s["timestep_spacing"], s["steps_offset"]) == (
         "scaled_linear", "epsilon", "leading", 1)
-    v = load_config(ROOT / "configs" / "sd21-v.yaml").model.diffusion
+    v = load_config(CONFIGS / "sd21-v.yaml").model.diffusion
     assert scheduler_config_to_diffusers(v)["prediction_type"] == "v_prediction"
 
 
 def test_layouts_diffusers_cannot_hold_are_refused(tmp_path):
     pipe = LDMPipeline.from_config(load_config(TINY, [*SD1, "model.vae.attn_resolutions=[4]"]))
     with pytest.raises(CheckpointError, match="attn_resolutions"):
-        save_diffusers(pipe, tmp_path / "model")
+        pipe.save_diffusers(tmp_path / "model")
     assert not (tmp_path / "model").exists()
     with pytest.raises(ConfigError, match="resnet_time_scale_shift"):
         unet_config_from_diffusers({**unet_config_to_diffusers(pipe.unet.cfg), "resnet_time_scale_shift": "x"})
     (tmp_path / "notes").mkdir()
     (tmp_path / "notes" / "a.txt").write_text("keep me")
     with pytest.raises(CheckpointError, match="refusing"):
-        save_diffusers(make_pipe("sd1"), tmp_path / "notes")
+        make_pipe("sd1").save_diffusers(tmp_path / "notes")
 
 
 def run_tool(*args) -> subprocess.CompletedProcess:
@@ -283,11 +280,8 @@ def test_convert_tool_ours_diffusers_ours(tmp_path):
 
 
 def convert_main(*args) -> int:
-    """tools/convert.py's main(), in this process (the subprocess test above covers the script)."""
-    spec = importlib.util.spec_from_file_location("convert_tool", ROOT / "tools" / "convert.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main([str(a) for a in args])
+    """The convert tool's main(), in this process (the subprocess test above covers the script)."""
+    return main([str(a) for a in args])
 
 
 def test_convert_tool_single_file_both_ways(tmp_path, capsys):

@@ -18,15 +18,15 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from helpers import CONFIGS, TINY
 from ldm.checkpoint import PREFIXES
 from ldm.config import load_config
-from ldm.convert import build_pipeline_from_state, detect_config, ema_key, load_single_file, read_checkpoint
+from ldm.build import ModelState
+from ldm.convert import detect_config, ema_key, read_checkpoint
 from ldm.errors import CheckpointError
 from ldm.models import build_models
 from ldm.pipeline import LDMPipeline
 
-CONFIGS = Path(__file__).resolve().parent.parent / "configs"
-TINY64 = Path(__file__).resolve().parent / "configs" / "tiny64.yaml"
 
 TEXT_SMALL = [
     "model.unet.context_dim=128",
@@ -210,7 +210,7 @@ def test_bare_unet_state_dict_gets_a_hint(sd1):
 
 def test_safetensors_loads_bit_exact_and_reports(sd1, sd1_file):
     pipe, state = sd1
-    loaded = load_single_file(sd1_file)
+    loaded = LDMPipeline.from_single_file(sd1_file)
     assert loaded.model_config == pipe.model_config
     assert_same_weights(loaded, state)
     assert loaded.dtype == torch.float32
@@ -228,7 +228,7 @@ def test_safetensors_loads_bit_exact_and_reports(sd1, sd1_file):
 
 
 def test_loaded_weights_are_memory_mapped_not_copied(sd1_file):
-    loaded = load_single_file(sd1_file)
+    loaded = LDMPipeline.from_single_file(sd1_file)
     mapped = read_checkpoint(sd1_file)
     # the parameters use the file's mapping directly: writing to them does not touch the file
     w = loaded.unet.input_blocks[0][0].weight
@@ -245,7 +245,7 @@ def test_ckpt_with_and_without_state_dict_wrapper(tmp_path, wrapped):
     obj = {"state_dict": state, "global_step": 470000, "epoch": 3} if wrapped else state
     path = tmp_path / "model.ckpt"
     torch.save(obj, path)
-    loaded = load_single_file(path)
+    loaded = LDMPipeline.from_single_file(path)
     assert loaded.model_config == pipe.model_config
     assert loaded.text_encoder.cfg.kind == "open_clip"
     assert_same_weights(loaded, state)
@@ -254,7 +254,7 @@ def test_ckpt_with_and_without_state_dict_wrapper(tmp_path, wrapped):
 def test_legacy_non_zip_pickle_loads(tmp_path, sd1):
     path = tmp_path / "old.ckpt"
     torch.save({"state_dict": sd1[1]}, path, _use_new_zipfile_serialization=False)
-    assert_same_weights(load_single_file(path), sd1[1])
+    assert_same_weights(LDMPipeline.from_single_file(path), sd1[1])
 
 
 def test_fp16_stays_fp16_and_dtype_converts(tmp_path, sd1):
@@ -262,11 +262,11 @@ def test_fp16_stays_fp16_and_dtype_converts(tmp_path, sd1):
     state = {k: v.half() if v.is_floating_point() else v for k, v in sd1[1].items()}
     path = tmp_path / "fp16.safetensors"
     save_file(state, str(path))
-    half = load_single_file(path)
+    half = LDMPipeline.from_single_file(path)
     assert half.dtype == torch.float16
     assert all(p.dtype == torch.float16 for m in half.modules.values() for p in m.parameters())
     assert_same_weights(half, state)
-    full = load_single_file(path, dtype="fp32")
+    full = LDMPipeline.from_single_file(path, dtype="fp32")
     assert all(p.dtype == torch.float32 for m in full.modules.values() for p in m.parameters())
     assert torch.equal(full.unet.out[2].weight, state["model.diffusion_model.out.2.weight"].float())
     # integer buffers keep their dtype
@@ -276,7 +276,7 @@ def test_fp16_stays_fp16_and_dtype_converts(tmp_path, sd1):
 
 def test_use_ema_loads_the_ema_weights(sd1, sd1_file):
     pipe, state = sd1
-    loaded = load_single_file(sd1_file, use_ema=True)
+    loaded = LDMPipeline.from_single_file(sd1_file, use_ema=True)
     assert_same_weights(loaded, state, use_ema=True)
     assert not torch.equal(loaded.unet.out[0].weight, pipe.unet.out[0].weight)
     assert "EMA weights" in loaded.load_report
@@ -286,8 +286,8 @@ def test_use_ema_without_ema_weights_is_an_error(tmp_path, sd1):
     path = tmp_path / "emaonly.safetensors"
     save_file(original_state(sd1[0], extras=False), str(path))
     with pytest.raises(CheckpointError, match="no EMA weights"):
-        load_single_file(path, use_ema=True)
-    assert_same_weights(load_single_file(path), sd1[1])
+        LDMPipeline.from_single_file(path, use_ema=True)
+    assert_same_weights(LDMPipeline.from_single_file(path), sd1[1])
 
 
 def test_partial_ema_is_an_error(tmp_path, sd1):
@@ -296,7 +296,7 @@ def test_partial_ema_is_an_error(tmp_path, sd1):
     path = tmp_path / "m.safetensors"
     save_file(state, str(path))
     with pytest.raises(CheckpointError, match=r"EMA copies for \d+ of \d+ .*out\.2\.weight"):
-        load_single_file(path, use_ema=True)
+        LDMPipeline.from_single_file(path, use_ema=True)
 
 
 def test_mismatched_alphas_cumprod_is_an_error(tmp_path, sd1):
@@ -308,7 +308,7 @@ def test_mismatched_alphas_cumprod_is_an_error(tmp_path, sd1):
     save_file(state, str(path))
     expected = r"alphas_cumprod .*first 0\.9999.*scaled_linear 0\.00085\.\.0\.012.*first 0\.99915"
     with pytest.raises(CheckpointError, match=expected):
-        load_single_file(path)
+        LDMPipeline.from_single_file(path)
 
 
 def test_unknown_key_is_an_error_naming_it(tmp_path, sd1):
@@ -318,11 +318,11 @@ def test_unknown_key_is_an_error_naming_it(tmp_path, sd1):
     path = tmp_path / "m.safetensors"
     save_file(state, str(path))
     with pytest.raises(CheckpointError, match=r"control_model\.zero_convs\.0\.weight"):
-        load_single_file(path)
+        LDMPipeline.from_single_file(path)
     del state["control_model.zero_convs.0.weight"]
     save_file(state, str(path))
     with pytest.raises(CheckpointError, match=r"unexpected \(1\): extra\.weight"):
-        load_single_file(path)
+        LDMPipeline.from_single_file(path)
 
 
 def test_stray_ema_key_is_an_error(tmp_path, sd1):
@@ -331,7 +331,7 @@ def test_stray_ema_key_is_an_error(tmp_path, sd1):
     path = tmp_path / "m.safetensors"
     save_file(state, str(path))
     with pytest.raises(CheckpointError, match="model_ema.diffusion_modelnotaweight"):
-        load_single_file(path)
+        LDMPipeline.from_single_file(path)
 
 
 def test_damaged_position_ids_are_replaced(tmp_path, sd1, caplog):
@@ -341,7 +341,7 @@ def test_damaged_position_ids_are_replaced(tmp_path, sd1, caplog):
     state[key] = torch.arange(77, dtype=torch.float32)[None] - 1e-3  # as in some merged files
     path = tmp_path / "m.safetensors"
     save_file(state, str(path))
-    loaded = load_single_file(path)
+    loaded = LDMPipeline.from_single_file(path)
     assert "damaged" in loaded.load_report
     assert torch.equal(loaded.text_encoder.transformer.text_model.embeddings.position_ids[0], torch.arange(77))
 
@@ -349,25 +349,25 @@ def test_damaged_position_ids_are_replaced(tmp_path, sd1, caplog):
 def test_config_overrides_detection(tmp_path):
     # the tiny test model breaks the SD 1.x conventions (heads of 32, VAE norm groups 8): the shapes
     # are the same either way, so detection cannot know; the config says it
-    pipe = LDMPipeline.from_config(TINY64, seed=3)
+    pipe = LDMPipeline.from_config(TINY, seed=3)
     state = original_state(pipe)
     path = tmp_path / "tiny.safetensors"
     save_file(state, str(path))
-    guessed = load_single_file(path).model_config
+    guessed = LDMPipeline.from_single_file(path).model_config
     assert (guessed.unet.num_heads, guessed.vae.norm_groups) == (8, 32)
-    loaded = load_single_file(path, config=TINY64)
+    loaded = LDMPipeline.from_single_file(path, config=TINY)
     assert loaded.model_config == pipe.model_config
     assert_same_weights(loaded, state)
     assert "given" in loaded.load_report
 
 
-def test_build_pipeline_from_state_checks_keys(sd1):
+def test_from_state_checks_keys(sd1):
     pipe, _ = sd1
     parts = {name: dict(m.state_dict()) for name, m in pipe.modules.items()}
     del parts["vae"]["quant_conv.weight"]
     cfg = load_config(CONFIGS / "sd15.yaml", SD1_SMALL)
     with pytest.raises(CheckpointError, match=r"(?s)\[vae\].*missing \(1\): quant_conv\.weight"):
-        build_pipeline_from_state(cfg, parts)
+        LDMPipeline.from_state(ModelState(cfg, parts))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -388,7 +388,7 @@ def test_malicious_pickle_is_refused_and_not_run(tmp_path, sd1):
     path = tmp_path / "evil.ckpt"
     torch.save({"state_dict": sd1[1], "payload": _RunsCode(marker)}, path)
     with pytest.raises(CheckpointError) as info:
-        load_single_file(path)
+        LDMPipeline.from_single_file(path)
     msg = str(info.value)
     assert "arbitrary code" in msg
     assert "tools/convert.py --trust-pickle" in msg and "evil.safetensors" in msg
@@ -459,7 +459,7 @@ def test_schedule_tolerance_accepts_fp16_buffers(tmp_path, sd1):
     assert not math.isclose(state["alphas_cumprod"][-1].item(), sd1[1]["alphas_cumprod"][-1].item(), rel_tol=1e-6)
     path = tmp_path / "m.safetensors"
     save_file(state, str(path))
-    assert load_single_file(path).dtype == torch.float16
+    assert LDMPipeline.from_single_file(path).dtype == torch.float16
 
 
 def test_sdxl_layout_is_named():
@@ -478,6 +478,6 @@ def test_bad_prediction_type_is_rejected(sd1):
 
 def test_given_config_object_is_not_modified(sd1_file):
     cfg = load_config(CONFIGS / "sd15.yaml", SD1_SMALL)
-    pipe = load_single_file(sd1_file, config=cfg, prediction_type="v")
+    pipe = LDMPipeline.from_single_file(sd1_file, config=cfg, prediction_type="v")
     assert pipe.diffusion.prediction_type == "v"
     assert cfg.model.diffusion.prediction_type == "eps"

@@ -1,5 +1,11 @@
-"""Checkpoints from elsewhere: original Stable Diffusion single files (and diffusers folders)."""
+"""Checkpoints from elsewhere, in and out: original single files and diffusers folders.
 
-from .single_file import build_pipeline_from_state, detect_config, ema_key, load_single_file, read_checkpoint
+Every reader returns a `ldm.build.ModelState` (the config and one state dict per network) and every
+writer takes one; none of them builds networks or a pipeline (`LDMPipeline.from_single_file`,
+`from_diffusers` and `ldm.pipeline.load_model` assemble). `formats` names the formats and tells
+them apart.
+"""
 
-__all__ = ["build_pipeline_from_state", "detect_config", "ema_key", "load_single_file", "read_checkpoint"]
+from .single_file import detect_config, ema_key, read_checkpoint, read_single_file
+
+__all__ = ["detect_config", "ema_key", "read_checkpoint", "read_single_file"]

@@ -15,18 +15,6 @@ from torch import Tensor
 from ..config import PREDICTION_TYPES
 from .schedule import Schedule
 
-__all__ = [
-    "PREDICTION_TYPES",
-    "convert_prediction",
-    "pred_to_x0",
-    "pred_to_eps",
-    "target_for",
-    "q_sample",
-    "snr",
-    "min_snr_weight",
-    "diffusion_loss",
-]
-
 
 def _check_type(prediction_type: str) -> None:
     if prediction_type not in PREDICTION_TYPES:

@@ -17,8 +17,9 @@ from tqdm.auto import tqdm
 from ..checkpoint import load_state_strict, load_vae_file, read_model_file
 from ..config import Config, to_dict
 from ..diffusion import Schedule, diffusion_loss, q_sample, sample_timesteps
+from ..images import make_grid
 from ..models import build_models
-from ..pipeline import LDMPipeline, make_grid
+from ..pipeline import LDMPipeline
 from .checkpoint import find_latest_state, load_training_state, save_training_state
 from .ema import EMA
 from .loop import (

@@ -21,8 +21,8 @@ from tqdm.auto import tqdm
 
 from ..checkpoint import load_state_strict, save_model_file
 from ..config import Config, DataConfig, to_dict
+from ..images import make_grid, to_pil
 from ..models.vae import AutoencoderKL, DiagonalGaussian
-from ..pipeline import make_grid, to_pil
 from .checkpoint import find_latest_state, load_training_state, save_training_state
 from .ema import EMA
 from .loop import (

@@ -1,27 +1,27 @@
-"""Shared pieces of the command-line tools: model arguments, device/dtype choice, writing PNGs."""
+"""What the command-line tools share: error reporting, model and sampling arguments, writing PNGs."""
 
 from __future__ import annotations
 
 import argparse
-import os
 import re
 import sys
 from pathlib import Path
 from typing import Callable, Sequence
 
-import torch
 from PIL import Image
-from PIL.PngImagePlugin import PngInfo
 
-from .diffusion import SAMPLERS, SPACINGS, STOCHASTIC_SAMPLERS, parse_sampler, parse_schedule
-from .models.attention import ATTENTION_BACKENDS
-from .pipeline import DTYPES, LDMPipeline, make_grid
+from ..devices import DTYPES, pick_device, pick_dtype
+from ..diffusion import SAMPLERS, SPACINGS, STOCHASTIC_SAMPLERS, parse_sampler, parse_schedule
+from ..images import make_grid, save_png
+from ..models.attention import ATTENTION_BACKENDS
+from ..options import SamplingOptions
+from ..pipeline import LDMPipeline
 
 # Bad input (configs, checkpoints, arguments) raises these; ConfigError and CheckpointError are ValueErrors.
 USER_ERRORS = (ValueError, ImportError)
 
 
-def run_main(main) -> int:
+def run_main(main: Callable[[], int]) -> int:
     """Run a tool's main(); bad input is printed as one `error:` line, not a traceback."""
     try:
         return main()
@@ -37,7 +37,9 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("model")
     source = group.add_mutually_exclusive_group()
     source.add_argument("--ckpt", default=None, help="model file (.safetensors written by LDMPipeline.save or training)")
-    source.add_argument("--config", default=None, help="config YAML: builds the model with RANDOM weights (for testing)")
+    source.add_argument("--config", default=None,
+                        help="config YAML, or the name of a shipped one (sd_tiny, sd15, ...): builds the model "
+                             "with RANDOM weights (for testing)")
     group.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                        help="config override with --config, e.g. --set model.unet.model_channels=64 (repeatable)")
     group.add_argument("--device", default="auto", help="cuda, cuda:1, cpu, mps, or auto (default: cuda if available)")
@@ -61,7 +63,8 @@ def _checked(parse: Callable[[str], object]) -> Callable[[str], str]:
 
 
 def add_sampling_args(parser: argparse.ArgumentParser, *, out: str) -> None:
-    """The prompt and sampling options every image tool shares (all but the image size)."""
+    """The prompt and sampling options every image tool shares (all but the image size and strength).
+    Each flag's `dest` is its `SamplingOptions` field, which `sampling_options` reads."""
     parser.add_argument("--prompt", required=True, help="what to draw")
     parser.add_argument("--negative-prompt", default=None, help="what to steer away from (default: none)")
     parser.add_argument("--cfg", type=float, default=7.5, help="classifier-free guidance scale (default 7.5; 1 = off)")
@@ -78,42 +81,13 @@ def add_sampling_args(parser: argparse.ArgumentParser, *, out: str) -> None:
     parser.add_argument("--guidance-rescale", type=float, default=0.0, help="CFG rescale factor in [0, 1]")
     parser.add_argument("--seed", type=int, default=None,
                         help="seed of the first image; image k uses seed + k (default: random)")
-    parser.add_argument("--n", type=int, default=1, help="number of images (default 1)")
+    parser.add_argument("--n", dest="num_images", type=int, default=1, help="number of images (default 1)")
     parser.add_argument("--out", type=Path, default=Path(out), help=f"output folder (default {out})")
 
 
-def sampling_kwargs(args: argparse.Namespace) -> dict:
-    """The keyword arguments of LDMPipeline.generate / img2img / inpaint that add_sampling_args parsed."""
-    return {
-        "negative_prompt": args.negative_prompt,
-        "steps": args.steps,
-        "cfg": args.cfg,
-        "sampler": args.sampler,
-        "spacing": args.spacing,
-        "eta": args.eta,
-        "guidance_rescale": args.guidance_rescale,
-        "seed": args.seed,
-        "num_images": args.n,
-    }
-
-
-def pick_device(name: str) -> torch.device:
-    if name != "auto":
-        device = torch.device(name)
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise SystemExit(f"error: --device {name} asked for CUDA but no CUDA device is available; use --device cpu")
-        return device
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
-
-
-def pick_dtype(name: str, device: torch.device) -> torch.dtype:
-    if name != "auto":
-        return DTYPES[name]
-    return torch.float16 if device.type in ("cuda", "mps") else torch.float32
+def sampling_options(args: argparse.Namespace) -> SamplingOptions:
+    """The `SamplingOptions` the parsed flags give: every field with a flag of its name."""
+    return SamplingOptions(**{name: getattr(args, name) for name in SamplingOptions.names() if hasattr(args, name)})
 
 
 def load_pipeline(args: argparse.Namespace) -> LDMPipeline:
@@ -133,47 +107,32 @@ def load_pipeline(args: argparse.Namespace) -> LDMPipeline:
     return pipe.set_attention_backend(args.attention)
 
 
-def png_info(image: Image.Image, model: str | None) -> PngInfo:
-    """PNG text chunks: each setting on its own key, plus the common one-string 'parameters' form."""
-    i = image.info
-    meta = PngInfo()
-    fields = ("prompt", "negative_prompt", "seed", "sampler", "steps", "cfg", "spacing", "width", "height", "strength")
-    for key in fields:
-        if key in i:
-            meta.add_text(key, str(i[key]))
-    if model:
-        meta.add_text("model", str(model))
-    parameters = (
-        f"{i.get('prompt', '')}\nNegative prompt: {i.get('negative_prompt', '')}\n"
-        f"Steps: {i.get('steps')}, Sampler: {i.get('sampler')}, CFG scale: {i.get('cfg')}, "
-        f"Seed: {i.get('seed')}, Size: {i.get('width')}x{i.get('height')}"
-        + (f", Denoising strength: {i['strength']}" if "strength" in i else "")
-        + (f", Model: {Path(model).name}" if model else "")
-    )
-    meta.add_text("parameters", parameters)
-    return meta
-
-
 def save_images(images: Sequence[Image.Image], out: str | Path, model: str | None = None) -> tuple[list[Path], Path]:
-    """Write each image as NNNNN-SEED.png (numbering continues what is in `out`) and a grid."""
+    """Write each image as NNNNN-SEED.png (numbering continues what is in `out`) and a grid, each with
+    its settings in the PNG text chunks."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     taken = [int(m.group(1)) for p in out.iterdir() if (m := re.match(r"(\d{5})-", p.name))]
     start = max(taken, default=-1) + 1
     paths = []
     for k, image in enumerate(images):
-        path = out / f"{start + k:05d}-{image.info.get('seed', 'noseed')}.png"
-        _atomic_png(image, path, png_info(image, model))
-        paths.append(path)
-    grid = out / f"{start:05d}-grid.png"
-    _atomic_png(make_grid(images), grid, png_info(images[0], model))
+        paths.append(save_png(image, out / f"{start + k:05d}-{image.info.get('seed', 'noseed')}.png", model=model))
+    grid = save_png(make_grid(images), out / f"{start:05d}-grid.png", info=images[0].info, model=model)
     return paths, grid
 
 
-def _atomic_png(image: Image.Image, path: Path, meta: PngInfo) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        image.save(tmp, format="PNG", pnginfo=meta)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+def image_tool(parser: argparse.ArgumentParser, argv: list[str] | None, *, out: str,
+               draw: Callable[[LDMPipeline, argparse.Namespace, SamplingOptions], list[Image.Image]]) -> int:
+    """The rest of an image tool's main: add the sampling and model arguments to its `parser`, parse
+    `argv`, load the model, `draw(pipe, args, options)`, and write the images to --out (default
+    `out`) with their settings, saying where they went."""
+    add_sampling_args(parser, out=out)
+    add_model_args(parser)
+    args = parser.parse_args(argv)
+    pipe = load_pipeline(args)
+    images = draw(pipe, args, sampling_options(args))
+    paths, grid = save_images(images, args.out, model=args.ckpt or args.config)
+    for path in paths:
+        print(f"wrote {path}")
+    print(f"wrote grid {grid}")
+    return 0

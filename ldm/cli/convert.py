@@ -1,0 +1,60 @@
+"""Convert a model between our model file, original single files and diffusers folders.
+
+    ldm-convert model.safetensors out_diffusers/            # ours -> diffusers folder
+    ldm-convert out_diffusers/ model.safetensors            # diffusers -> ours
+    ldm-convert v1-5-pruned.ckpt sd15.safetensors --ema     # original -> ours (EMA weights)
+    ldm-convert model.safetensors sd.ckpt --dtype fp16      # ours -> original single file
+    ldm-convert 768-v.ckpt out/ --config sd21-v --prediction-type v
+
+Formats follow the paths unless --from / --to say otherwise: a folder is diffusers, `.ckpt` an
+original single file, `.safetensors` ours when it carries our config (else an original file).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from functools import partial
+from pathlib import Path
+
+from ..convert.formats import FORMATS, PREDICTION_NAMES, describe, infer_output_format
+from ..devices import parse_dtype
+from ..pipeline import load_model, save_model
+from .common import run_main
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("input", type=Path, help="model file or diffusers folder to read")
+    parser.add_argument("output", type=Path, help="model file or diffusers folder to write")
+    parser.add_argument("--from", dest="src", choices=FORMATS, help="input format (default: from the path)")
+    parser.add_argument("--to", dest="dst", choices=FORMATS, help="output format (default: from the path)")
+    parser.add_argument("--config", help="architecture (YAML or a shipped config's name) for inputs that carry "
+                                         "none (original single files)")
+    parser.add_argument("--prediction-type", choices=sorted(PREDICTION_NAMES),
+                        help="what the U-Net predicts (e.g. v for SD 2.x 768 models); default: the input's")
+    parser.add_argument("--ema", action="store_true", help="take the EMA weights of an original training checkpoint")
+    parser.add_argument("--dtype", choices=("fp16", "fp32", "bf16"), help="cast the written weights (default: as read)")
+    parser.add_argument("--trust-pickle", action="store_true",
+                        help="allow full unpickling of .ckpt files that weights-only loading rejects "
+                             "(trusted files only)")
+    args = parser.parse_args(argv)
+
+    pipe = load_model(
+        args.input,
+        args.src,
+        config=args.config,
+        prediction_type=args.prediction_type,
+        use_ema=args.ema,
+        trust_pickle=args.trust_pickle,
+    )
+    dst = args.dst or infer_output_format(args.output)
+    written = save_model(pipe, args.output, dst, dtype=parse_dtype(args.dtype) if args.dtype else None)
+    print(describe(Path(written), dst))
+    return 0
+
+
+run = partial(run_main, main)  # the ldm-convert entry point
+
+if __name__ == "__main__":
+    sys.exit(run())

@@ -1,0 +1,13 @@
+"""The pipeline: a whole model that turns prompts (and images, and masks) into images, and loads and saves itself.
+
+- `ldm_pipeline`: `LDMPipeline`: the networks, `generate`, `img2img`, `inpaint`.
+- `stages`: the stages those methods share (checks, conditions, noise, sampling, output).
+- `loading`: `from_config`, `from_checkpoint`, `from_single_file`, `from_diffusers`, `save*`.
+- `files`: `load_model` / `save_model` in any format, by path.
+"""
+
+from .files import load_model, save_model
+from .ldm_pipeline import LDMPipeline
+from .stages import MAX_SEED
+
+__all__ = ["LDMPipeline", "MAX_SEED", "load_model", "save_model"]
