@@ -1,5 +1,14 @@
+"""Fixtures shared by the tests; the constants and helpers they use are in helpers.py.
+
+Tests marked `@pytest.mark.slow` (minutes each) are left out by default (pyproject.toml's addopts);
+run them with `python -m pytest -m slow`.
+"""
+
 import pytest
 import torch
+
+from helpers import FAST, INPAINTING, TINY, randomize
+from ldm import LDMPipeline
 
 
 @pytest.fixture
@@ -11,3 +20,15 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tiny_pipe() -> LDMPipeline:
+    """The FAST tiny text-to-image pipeline, every weight non-zero (one per test module)."""
+    return randomize(LDMPipeline.from_config(TINY, FAST, seed=0))
+
+
+@pytest.fixture(scope="module")
+def tiny_inpainting_pipe() -> LDMPipeline:
+    """The same with an inpainting U-Net (9 input channels)."""
+    return randomize(LDMPipeline.from_config(TINY, INPAINTING, seed=0))

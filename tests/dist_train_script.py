@@ -6,14 +6,12 @@ import json
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from ldm.config import load_config  # noqa: E402
-from ldm.train.ldm_trainer import LDMTrainer  # noqa: E402
+from helpers import SD_TINY  # this script's folder, tests/, is first on sys.path
+from ldm.config import load_config
+from ldm.train.ldm_trainer import LDMTrainer
 
 out, overrides = Path(sys.argv[1]), sys.argv[2:]
-cfg = load_config(ROOT / "configs/sd_tiny.yaml", overrides)
+cfg = load_config(SD_TINY, overrides)
 trainer = LDMTrainer(cfg)
 seen = []
 original = trainer.batches

@@ -1,16 +1,34 @@
-"""Shared by the pipeline tests (importable because pytest puts tests/ on sys.path)."""
+"""What the tests share, importable by name because pytest puts tests/ on sys.path: paths, the
+small test models' config overrides, and `randomize`. Fixtures built from them are in conftest.py."""
+
+from __future__ import annotations
+
+from pathlib import Path
 
 import torch
+from torch import nn
 
 from ldm import LDMPipeline
 
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ROOT / "configs"
+SD_TINY = CONFIGS / "sd_tiny.yaml"  # the README's CPU model (its settings are tuned for quality and may change)
+TINY = ROOT / "tests" / "configs" / "tiny64.yaml"  # the plumbing tests' tiny model
+# Even smaller than the tiny test model, so every test here runs in well under a second of sampling.
+FAST = ["model.unet.model_channels=32", "model.text_encoder.width=64", "model.unet.context_dim=64",
+        "model.text_encoder.heads=2", "model.text_encoder.projection_dim=64", "model.vae.ch=16",
+        "sample.height=32", "sample.width=32", "sample.steps=3"]
+INPAINTING = [*FAST, "model.unet.in_channels=9"]
 
-def randomize(p: LDMPipeline, seed: int = 1) -> LDMPipeline:
-    """Give zero-initialised layers random values so outputs depend on every weight."""
+
+def randomize(target: LDMPipeline | nn.Module, seed: int = 1, scale: float = 0.02):
+    """Give zero-initialised parameters N(0, scale^2) values so outputs depend on every weight
+    (a pipeline's networks draw in turn from one generator). Returns `target`."""
+    modules = target.modules.values() if isinstance(target, LDMPipeline) else [target]
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for m in p.modules.values():
+        for m in modules:
             for param in m.parameters():
                 if param.abs().max() == 0:
-                    param.copy_(torch.randn(param.shape, generator=g) * 0.02)
-    return p
+                    param.copy_(torch.randn(param.shape, generator=g) * scale)
+    return target

@@ -1,16 +1,13 @@
 import json
-from pathlib import Path
 
 import pytest
 
-from ldm.config import Config, apply_overrides, from_dict, load_config, load_yaml, to_dict
+from helpers import CONFIGS, SD_TINY
+from ldm.config import Config, apply_overrides, from_dict, load_config, load_yaml, resolve_config, to_dict
 from ldm.errors import ConfigError
 
-ROOT = Path(__file__).resolve().parents[1]
-CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
 
-
-@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+@pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.name)
 def test_every_shipped_config_loads_and_round_trips_through_json(path):
     cfg = load_config(path)
     again = from_dict(Config, json.loads(json.dumps(to_dict(cfg))))
@@ -18,16 +15,16 @@ def test_every_shipped_config_loads_and_round_trips_through_json(path):
 
 
 def test_base_inheritance_overrides_only_what_it_names():
-    v = load_config(ROOT / "configs/sd21-v.yaml")
-    eps = load_config(ROOT / "configs/sd21.yaml")
+    v = load_config(CONFIGS / "sd21-v.yaml")
+    eps = load_config(CONFIGS / "sd21.yaml")
     assert v.model.diffusion.prediction_type == "v" and eps.model.diffusion.prediction_type == "eps"
     assert (v.sample.height, eps.sample.height) == (768, 512)
     assert v.model.unet == eps.model.unet and v.model.text_encoder == eps.model.text_encoder
 
 
 def test_public_architectures():
-    sd15 = load_config(ROOT / "configs/sd15.yaml").model
-    sd21 = load_config(ROOT / "configs/sd21.yaml").model
+    sd15 = load_config(CONFIGS / "sd15.yaml").model
+    sd21 = load_config(CONFIGS / "sd21.yaml").model
     assert (sd15.unet.num_heads, sd15.unet.context_dim, sd15.unet.use_linear_in_transformer) == (8, 768, False)
     assert (sd21.unet.num_head_channels, sd21.unet.context_dim, sd21.unet.use_linear_in_transformer) == (64, 1024, True)
     assert (sd15.text_encoder.kind, sd21.text_encoder.kind, sd21.text_encoder.layer) == ("hf_clip", "open_clip", "penultimate")
@@ -36,7 +33,7 @@ def test_public_architectures():
 
 def test_overrides_are_parsed_as_yaml_values():
     cfg = load_config(
-        ROOT / "configs/sd_tiny.yaml",
+        SD_TINY,
         ["model.unet.model_channels=32", "sample.cfg=3.5", "train.lr=1e-3", "model.unet.channel_mult=[1, 2, 2]", "sample.negative_prompt=blurry"],
     )
     assert cfg.model.unet.model_channels == 32
@@ -53,7 +50,7 @@ def test_override_without_equals_sign_is_explained():
 
 def test_unknown_key_suggests_the_nearest_one():
     with pytest.raises(ConfigError, match=r"unknown key Config\.model\.unet\.chanel_mult; did you mean 'channel_mult'"):
-        load_config(ROOT / "configs/sd_tiny.yaml", ["model.unet.chanel_mult=[1,2]"])
+        load_config(SD_TINY, ["model.unet.chanel_mult=[1,2]"])
 
 
 @pytest.mark.parametrize(
@@ -74,7 +71,7 @@ def test_unknown_key_suggests_the_nearest_one():
 )
 def test_bad_values_name_the_key_and_the_fix(override, message):
     with pytest.raises(ConfigError, match=message):
-        load_config(ROOT / "configs/sd_tiny.yaml", [override])
+        load_config(SD_TINY, [override])
 
 
 def test_base_loops_and_missing_files_are_reported(tmp_path):
@@ -87,3 +84,14 @@ def test_base_loops_and_missing_files_are_reported(tmp_path):
     (tmp_path / "bad.yaml").write_text("model: [unclosed\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_yaml(tmp_path / "bad.yaml")
+
+
+def test_shipped_configs_load_by_name_from_anywhere(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # names do not depend on the working directory
+    assert resolve_config("sd15") == resolve_config("sd15.yaml") == CONFIGS / "sd15.yaml"
+    assert load_config("sd21-v") == load_config(CONFIGS / "sd21-v.yaml")  # `base:` is found beside it
+    with pytest.raises(ConfigError, match=r"config 'sd16' not found: pass a YAML path or one of the names in "
+                                          r"configs/ \(sd15, sd21, .*sd_tiny"):
+        load_config("sd16")
+    with pytest.raises(ConfigError, match="config 'configs/sd15.yaml' not found"):
+        load_config("configs/sd15.yaml")  # a path is a path: relative to the working directory

@@ -8,12 +8,12 @@ import copy
 import functools
 import os
 import shutil
-from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
+from helpers import FAST, TINY, randomize
 from ldm import LDMPipeline
 from ldm.config import COMPILE_MODES, UNetConfig, VAEConfig, load_config
 from ldm.errors import ConfigError
@@ -21,11 +21,6 @@ from ldm.models.unet import UNet
 from ldm.models.vae import AutoencoderKL
 from ldm.speed import CUDAGraphRunner, SpeedConfig, optimize_unet, optimize_vae, speed_config, tiled_apply
 
-ROOT = Path(__file__).resolve().parents[1]
-TINY = ROOT / "tests/configs/tiny64.yaml"
-FAST = ["model.unet.model_channels=32", "model.text_encoder.width=64", "model.unet.context_dim=64",
-        "model.text_encoder.heads=2", "model.text_encoder.projection_dim=64", "model.vae.ch=16",
-        "sample.height=32", "sample.width=32", "sample.steps=3"]
 
 # Every switch that runs on a CPU, alone, then all of them together.
 SWITCHES = {
@@ -37,27 +32,18 @@ SWITCHES = {
 }
 
 
-def randomize(model: torch.nn.Module, seed: int = 0, scale: float = 0.05) -> torch.nn.Module:
-    """Give zero-initialised parameters random values so every path affects the output."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if not p.any():
-                p.copy_(scale * torch.randn(p.shape, generator=g))
-    return model
-
-
 def tiny_unet() -> UNet:
     torch.manual_seed(0)
     cfg = UNetConfig(model_channels=16, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(1, 2),
                      num_heads=None, num_head_channels=8, context_dim=12, norm_groups=8,
                      use_linear_in_transformer=True)
-    return randomize(UNet(cfg)).eval()
+    return randomize(UNet(cfg), seed=0, scale=0.05).eval()
 
 
 def tiny_vae() -> AutoencoderKL:
     torch.manual_seed(0)
-    return randomize(AutoencoderKL(VAEConfig(ch=16, ch_mult=(1, 2, 2), num_res_blocks=1, norm_groups=8))).eval()
+    return randomize(AutoencoderKL(VAEConfig(ch=16, ch_mult=(1, 2, 2), num_res_blocks=1, norm_groups=8)), seed=0,
+                     scale=0.05).eval()
 
 
 def unet_inputs(b: int = 2, size: int = 8) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -78,7 +64,7 @@ def gen(p: LDMPipeline, **kw) -> torch.Tensor:
 def pipe() -> LDMPipeline:
     p = LDMPipeline.from_config(TINY, FAST, seed=0)
     for m in p.modules.values():
-        randomize(m, scale=0.02)
+        randomize(m, seed=0, scale=0.02)
     return p
 
 
@@ -203,8 +189,7 @@ def test_compiled_unet_matches_eager_and_never_recompiles_across_steps_and_promp
     torch._dynamo.reset()
 
 
-@pytest.mark.skipif(not os.environ.get("LDM_SLOW_TESTS"),
-                    reason="Inductor takes ~1 minute to compile even a tiny U-Net on 2 CPU cores; set LDM_SLOW_TESTS=1")
+@pytest.mark.slow  # Inductor takes ~1 minute to compile even a tiny U-Net on 2 CPU cores
 def test_inductor_compiled_unet_matches_eager():
     if shutil.which(os.environ.get("CXX", "g++")) is None:
         pytest.skip("Inductor's CPU backend needs a C++ compiler (g++ or $CXX)")
@@ -318,7 +303,7 @@ def test_training_switches_keep_the_loss_gradients_and_state_dict_keys(tmp_path,
     results = []
     for switches in ([], ["train.channels_last=true", "train.compile=default"]):
         trainer = LDMTrainer(load_config(TINY, [*overrides, f"train.vae_checkpoint={vae_file}", *switches]))
-        randomize(trainer.unet)
+        randomize(trainer.unet, seed=0, scale=0.05)
         assert trainer.unet.input_blocks[0][0].weight.is_contiguous(memory_format=torch.channels_last) == bool(switches)
         loss = trainer.loss(next(trainer.batches()), 0, 0)
         loss.backward()

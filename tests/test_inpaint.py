@@ -1,32 +1,13 @@
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from helpers import randomize
-from ldm import LDMPipeline
+from helpers import INPAINTING, ROOT, TINY
 from ldm.diffusion import sigmas_from_schedule
-
-ROOT = Path(__file__).resolve().parents[1]
-TINY = ROOT / "tests/configs/tiny64.yaml"
-FAST = ["model.unet.model_channels=32", "model.text_encoder.width=64", "model.unet.context_dim=64",
-        "model.text_encoder.heads=2", "model.text_encoder.projection_dim=64", "model.vae.ch=16",
-        "sample.height=32", "sample.width=32", "sample.steps=3"]
-INPAINTING = FAST + ["model.unet.in_channels=9"]
-
-
-@pytest.fixture(scope="module")
-def plain():
-    return randomize(LDMPipeline.from_config(TINY, FAST, seed=0))
-
-
-@pytest.fixture(scope="module")
-def inpainting():
-    return randomize(LDMPipeline.from_config(TINY, INPAINTING, seed=0))
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +28,7 @@ def paint(p, image, mask, prompt="a red circle", **kw):
     return p.inpaint(image, mask, prompt, output_type="tensor", **kw)
 
 
-@pytest.mark.parametrize("model", ["plain", "inpainting"])
+@pytest.mark.parametrize("model", ["tiny_pipe", "tiny_inpainting_pipe"])
 def test_unmasked_pixels_are_kept_exactly(model, image, mask, request):
     p = request.getfixturevalue(model)
     out = paint(p, image, mask, seed=1, num_images=2, steps=2)
@@ -56,7 +37,7 @@ def test_unmasked_pixels_are_kept_exactly(model, image, mask, request):
     assert (out - image).abs()[~keep].mean() > 1e-2  # the hole was repainted
 
 
-@pytest.mark.parametrize("model", ["plain", "inpainting"])
+@pytest.mark.parametrize("model", ["tiny_pipe", "tiny_inpainting_pipe"])
 def test_pil_input_and_output_keep_unmasked_pixels(model, image, mask, request):
     p = request.getfixturevalue(model)
     pil = Image.fromarray((image[0].permute(1, 2, 0) * 255).round().to(torch.uint8).numpy())
@@ -68,27 +49,27 @@ def test_pil_input_and_output_keep_unmasked_pixels(model, image, mask, request):
     assert out.info["strength"] == 1.0 and out.size == (32, 32)
 
 
-@pytest.mark.parametrize("model", ["plain", "inpainting"])
+@pytest.mark.parametrize("model", ["tiny_pipe", "tiny_inpainting_pipe"])
 def test_mask_of_zeros_returns_the_input(model, image, request):
     p = request.getfixturevalue(model)
     assert torch.equal(paint(p, image, torch.zeros(32, 32), seed=0), image)
 
 
-def test_soft_mask_blends_the_result_over_the_input(plain, image, mask):
+def test_soft_mask_blends_the_result_over_the_input(tiny_pipe, image, mask):
     # The model sees the mask binarised at 0.5; the final paste uses it as given: m * result + (1 - m) * input.
-    hard = paint(plain, image, mask, seed=2)
-    strong = paint(plain, image, mask * 0.75, seed=2)  # same hole for the model, pasted at 75%
+    hard = paint(tiny_pipe, image, mask, seed=2)
+    strong = paint(tiny_pipe, image, mask * 0.75, seed=2)  # same hole for the model, pasted at 75%
     torch.testing.assert_close(strong, 0.75 * mask * hard + (1 - 0.75 * mask) * image, atol=1e-6, rtol=0)
-    weak = paint(plain, image, mask * 0.25, seed=2)  # nothing repainted: the VAE round trip, pasted at 25%
-    round_trip = plain.decode_latents(plain.encode_image(image)).cpu()
+    weak = paint(tiny_pipe, image, mask * 0.25, seed=2)  # nothing repainted: the VAE round trip, pasted at 25%
+    round_trip = tiny_pipe.decode_latents(tiny_pipe.encode_image(image)).cpu()
     torch.testing.assert_close(weak, 0.25 * mask * round_trip + (1 - 0.25 * mask) * image, atol=1e-6, rtol=0)
 
 
-def test_inpainting_unet_gets_noisy_latents_then_mask_then_masked_image_latents(inpainting, image, mask):
+def test_inpainting_unet_gets_noisy_latents_then_mask_then_masked_image_latents(tiny_inpainting_pipe, image, mask):
     inputs = []
-    hook = inpainting.unet.register_forward_pre_hook(lambda m, args: inputs.append(args[0].clone()))
+    hook = tiny_inpainting_pipe.unet.register_forward_pre_hook(lambda m, args: inputs.append(args[0].clone()))
     try:
-        paint(inpainting, image, mask, seed=4, steps=2, cfg=5.0)
+        paint(tiny_inpainting_pipe, image, mask, seed=4, steps=2, cfg=5.0)
     finally:
         hook.remove()
     assert len(inputs) == 2 and inputs[0].shape == (2, 9, 8, 8)  # [uncond; cond] x 9 channels
@@ -96,24 +77,24 @@ def test_inpainting_unet_gets_noisy_latents_then_mask_then_masked_image_latents(
     latent_mask = torch.zeros(1, 1, 8, 8)
     latent_mask[..., 2:5, 2:7] = 1  # every latent touching the hole (max-pool of 4x4 blocks)
     masked = torch.where(mask < 0.5, image, 0.5)
-    masked_latents = inpainting.encode_image(masked)
+    masked_latents = tiny_inpainting_pipe.encode_image(masked)
     for half in (x[:1], x[1:]):  # CFG's unconditional and conditional rows carry the same extra channels
         assert torch.equal(half[:, 4:5], latent_mask)
         torch.testing.assert_close(half[:, 5:9], masked_latents, atol=1e-6, rtol=0)
     # channels 0-3: the pure-noise start (strength 1) in the U-Net's VP scaling
-    sigma = inpainting.schedule.sigma_max
+    sigma = tiny_inpainting_pipe.schedule.sigma_max
     noise = torch.randn((4, 8, 8), generator=torch.Generator().manual_seed(4))
     torch.testing.assert_close(x[1, :4], noise * sigma / (sigma**2 + 1) ** 0.5, atol=1e-5, rtol=0)
 
 
-def test_latent_blending_keeps_the_known_region_on_the_noised_image(plain, image, mask):
-    z0 = plain.encode_image(image)[0]
+def test_latent_blending_keeps_the_known_region_on_the_noised_image(tiny_pipe, image, mask):
+    z0 = tiny_pipe.encode_image(image)[0]
     noise = torch.randn((4, 8, 8), generator=torch.Generator().manual_seed(6))
     keep = torch.ones(8, 8, dtype=torch.bool)
     keep[2:5, 2:7] = False
     seen = []
-    paint(plain, image, mask, seed=6, steps=4, sampler="euler", callback=lambda i, x, d: seen.append((x[0], d[0])))
-    sigmas = sigmas_from_schedule(plain.schedule, 4, "trailing")
+    paint(tiny_pipe, image, mask, seed=6, steps=4, sampler="euler", callback=lambda i, x, d: seen.append((x[0], d[0])))
+    sigmas = sigmas_from_schedule(tiny_pipe.schedule, 4, "trailing")
     assert len(seen) == 4
     for (x, denoised), sigma in zip(seen, sigmas):
         assert torch.equal(denoised[:, keep], z0[:, keep])  # the x0 estimate there is the image itself
@@ -121,28 +102,28 @@ def test_latent_blending_keeps_the_known_region_on_the_noised_image(plain, image
         torch.testing.assert_close(x[:, keep], z0[:, keep] + float(sigma) * noise[:, keep], atol=1e-5, rtol=0)
 
 
-def test_strength_below_1_starts_from_the_noised_image(plain, image, mask):
+def test_strength_below_1_starts_from_the_noised_image(tiny_pipe, image, mask):
     calls = []
-    paint(plain, image, mask, seed=0, steps=10, strength=0.3, callback=lambda *a: calls.append(a))
+    paint(tiny_pipe, image, mask, seed=0, steps=10, strength=0.3, callback=lambda *a: calls.append(a))
     assert len(calls) == 3
-    assert torch.equal(paint(plain, image, mask, strength=0.0, seed=0),
-                       mask * plain.decode_latents(plain.encode_image(image)).cpu() + (1 - mask) * image)
+    assert torch.equal(paint(tiny_pipe, image, mask, strength=0.0, seed=0),
+                       mask * tiny_pipe.decode_latents(tiny_pipe.encode_image(image)).cpu() + (1 - mask) * image)
 
 
-def test_bad_masks_are_errors(plain, image, mask):
+def test_bad_masks_are_errors(tiny_pipe, image, mask):
     with pytest.raises(ValueError, match="mask size 16x32 differs from the image size 32x32; resize the mask"):
-        paint(plain, image, mask[..., :16])
+        paint(tiny_pipe, image, mask[..., :16])
     with pytest.raises(ValueError, match=r"mask tensor must have shape"):
-        paint(plain, image, mask.expand(1, 3, 32, 32))
+        paint(tiny_pipe, image, mask.expand(1, 3, 32, 32))
     with pytest.raises(ValueError, match=r"mask tensor values must be in \[0, 1\]"):
-        paint(plain, image, mask * 255)
+        paint(tiny_pipe, image, mask * 255)
     with pytest.raises(ValueError, match=r"strength must be a number in \[0, 1\]"):
-        paint(plain, image, mask, strength=1.2)
+        paint(tiny_pipe, image, mask, strength=1.2)
 
 
-def test_generate_on_an_inpainting_model_points_to_inpaint(inpainting):
+def test_generate_on_an_inpainting_model_points_to_inpaint(tiny_inpainting_pipe):
     with pytest.raises(ValueError, match=r"use pipe.inpaint\(image, mask, prompt\) instead of generate"):
-        inpainting.generate("x", steps=1, progress=False)
+        tiny_inpainting_pipe.generate("x", steps=1, progress=False)
 
 
 def test_inpaint_tool_keeps_unmasked_pixels_and_writes_strength(tmp_path):

@@ -3,11 +3,11 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
 
+from helpers import ROOT, SD_TINY
 from ldm import LDMPipeline
 from ldm.checkpoint import save_model_file
 from ldm.config import load_config
@@ -15,7 +15,6 @@ from ldm.models.vae import AutoencoderKL
 from ldm.train.checkpoint import find_latest_state, load_training_state
 from ldm.train.ldm_trainer import LDMTrainer
 
-ROOT = Path(__file__).resolve().parents[1]
 TINY = [
     "model.unet.model_channels=32", "model.unet.num_head_channels=16", "model.text_encoder.width=32",
     "model.unet.context_dim=32", "model.text_encoder.heads=2", "model.text_encoder.projection_dim=32",
@@ -27,7 +26,7 @@ TINY = [
 
 @pytest.fixture(scope="module")
 def vae_file(tmp_path_factory):
-    cfg = load_config(ROOT / "configs/sd_tiny.yaml", TINY)
+    cfg = load_config(SD_TINY, TINY)
     torch.manual_seed(0)
     vae = AutoencoderKL(cfg.model.vae)
     return save_model_file(tmp_path_factory.mktemp("vae") / "vae.safetensors", {"vae": vae}, cfg)
@@ -35,7 +34,7 @@ def vae_file(tmp_path_factory):
 
 def config(out, vae_file, *extra):
     return load_config(
-        ROOT / "configs/sd_tiny.yaml",
+        SD_TINY,
         [*TINY, f"train.output_dir={out}", f"train.vae_checkpoint={vae_file}", *extra],
     )
 
@@ -114,7 +113,7 @@ def test_sigkill_at_any_moment_leaves_a_loadable_state(tmp_path, vae_file):
         "import sys; sys.path.insert(0, %r)\n"
         "from ldm.config import load_config\nfrom ldm.train.ldm_trainer import LDMTrainer\n"
         "cfg = load_config(%r, %r)\nLDMTrainer(cfg, resume=True).train()\n"
-    ) % (str(ROOT), str(ROOT / "configs/sd_tiny.yaml"),
+    ) % (str(ROOT), str(SD_TINY),
          [*TINY, f"train.output_dir={out}", f"train.vae_checkpoint={vae_file}", "train.steps=100000", "train.save_every=1"])
     steps_seen = []
     for extra in (0.05, 0.37):  # kill at different points of the save/step cycle
@@ -205,7 +204,7 @@ def test_two_process_training_keeps_ranks_identical(tmp_path, vae_file):
 
 
 def test_init_from_starts_from_a_model_file(tmp_path, vae_file):
-    source = LDMPipeline.from_config(ROOT / "configs/sd_tiny.yaml", TINY, seed=7)
+    source = LDMPipeline.from_config(SD_TINY, TINY, seed=7)
     path = source.save(tmp_path / "init.safetensors")
     trainer = LDMTrainer(config(tmp_path / "run", vae_file, f"train.init_from={path}"))
     mine = trainer.accelerator.unwrap_model(trainer.unet).state_dict()

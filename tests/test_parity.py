@@ -10,11 +10,11 @@ maps must agree with diffusers' converters tensor for tensor.
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import pytest
 import torch
 
+from helpers import CONFIGS
 from ldm.bench import randomize_weights_
 from ldm.config import TextEncoderConfig, UNetConfig, VAEConfig, load_config
 from ldm.convert.diffusers import (
@@ -32,13 +32,12 @@ from ldm.models.vae import AutoencoderKL
 sfu = pytest.importorskip("diffusers.loaders.single_file_utils")
 transformers = pytest.importorskip("transformers")
 
-ROOT = Path(__file__).resolve().parents[1]
 UNET_PREFIX, VAE_PREFIX, TEXT_PREFIX = "model.diffusion_model.", "first_stage_model.", "cond_stage_model."
 TOL = 1e-4  # max abs error on outputs scaled to unit std
 
 
 def full(name: str):
-    return load_config(ROOT / "configs" / f"{name}.yaml").model
+    return load_config(CONFIGS / f"{name}.yaml").model
 
 
 def small_unet(name: str) -> UNetConfig:

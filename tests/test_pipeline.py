@@ -1,6 +1,5 @@
 import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -8,17 +7,10 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from helpers import randomize
+from helpers import FAST, TINY, randomize
 from ldm import LDMPipeline
 from ldm.checkpoint import CONFIG_KEY
 from ldm.errors import CheckpointError
-
-ROOT = Path(__file__).resolve().parents[1]
-TINY = ROOT / "tests/configs/tiny64.yaml"
-# Even smaller than the tiny test model, so every test here runs in well under a second of sampling.
-FAST = ["model.unet.model_channels=32", "model.text_encoder.width=64", "model.unet.context_dim=64",
-        "model.text_encoder.heads=2", "model.text_encoder.projection_dim=64", "model.vae.ch=16",
-        "sample.height=32", "sample.width=32", "sample.steps=3"]
 
 
 @pytest.fixture(scope="module")

@@ -13,6 +13,7 @@ import torch
 import webdataset as wds
 from PIL import Image
 
+from helpers import ROOT
 from ldm.data.shards import (
     Skip,
     folder_samples,
@@ -23,8 +24,6 @@ from ldm.data.shards import (
     write_latent_shards,
     write_shards,
 )
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def image_bytes(i: int, fmt: str = "PNG", size=(24, 20), noise: bool = False) -> bytes:

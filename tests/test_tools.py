@@ -1,11 +1,10 @@
 import re
 import subprocess
 import sys
-from pathlib import Path
 
 from PIL import Image
 
-ROOT = Path(__file__).resolve().parents[1]
+from helpers import ROOT
 
 
 def run_tool(*args):

@@ -1,20 +1,19 @@
 """Training works, measured the way a user would measure it: a tiny model trained for a few hundred
 steps (stage 1, then stage 2 on its latents) beats the same model untrained on held-out denoising
-loss and on prompt adherence of its generated images (tools/eval.py's metrics); an opt-in test
+loss and on prompt adherence of its generated images (ldm-eval's metrics); a slow test (-m slow)
 runs the README's training and checks that the samples draw the prompt's colour."""
 
-import os
 from pathlib import Path
 
 import pytest
 
+from helpers import CONFIGS
 from ldm import LDMPipeline
 from ldm.config import load_config
 from ldm.eval.heldout import heldout_items, heldout_loss, prompt_adherence
 from ldm.train.ldm_trainer import LDMTrainer
 from ldm.train.vae_trainer import VAETrainer
 
-ROOT = Path(__file__).resolve().parents[1]
 RESOLUTION = 32  # sd_tiny's: 32 px images, 16x16x4 latents
 # A narrower U-Net and text encoder than sd_tiny's, on sd_tiny's autoencoder.
 NARROW = [
@@ -29,12 +28,12 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def train_tiny(tmp_path: Path, vae_steps: int, ldm_overrides: list[str]) -> LDMTrainer:
     """Stage 1 for `vae_steps`, then a stage-2 trainer (not yet run) on its VAE file."""
     vae_cfg = load_config(
-        ROOT / "configs/vae_tiny.yaml",
+        CONFIGS / "vae_tiny.yaml",
         [*COMMON, f"train.output_dir={tmp_path / 'vae'}", f"train.steps={vae_steps}", "data.heldout_size=32"],
     )
     vae_file = VAETrainer(vae_cfg).train()
     cfg = load_config(
-        ROOT / "configs/sd_tiny.yaml",
+        CONFIGS / "sd_tiny.yaml",
         [*COMMON, f"train.output_dir={tmp_path / 'ldm'}", f"train.vae_checkpoint={vae_file}", *ldm_overrides],
     )
     return LDMTrainer(cfg)
@@ -63,14 +62,13 @@ def test_a_few_hundred_steps_beat_the_untrained_model_on_heldout_loss_and_adhere
     assert adh_after["count"] >= adh_before["count"] + 0.5
 
 
-@pytest.mark.skipif(not os.environ.get("LDM_SLOW_TESTS"),
-                    reason="trains sd_tiny as the README does (~17 minutes on one thread); set LDM_SLOW_TESTS=1")
+@pytest.mark.slow  # trains sd_tiny as the README does (~17 minutes on one thread)
 def test_the_readme_run_draws_the_prompts_colour(tmp_path):
     # configs/vae_tiny.yaml then configs/sd_tiny.yaml as they are (no logs or sample grids), then
     # tools/eval.py's adherence on its 128 held-out prompts at cfg 7.5.
     quiet = ["train.log_with=none", "train.sample_every=0"]
-    vae_cfg = load_config(ROOT / "configs/vae_tiny.yaml", [*quiet, f"train.output_dir={tmp_path / 'vae'}"])
-    cfg = load_config(ROOT / "configs/sd_tiny.yaml", [
+    vae_cfg = load_config(CONFIGS / "vae_tiny.yaml", [*quiet, f"train.output_dir={tmp_path / 'vae'}"])
+    cfg = load_config(CONFIGS / "sd_tiny.yaml", [
         *quiet, f"train.output_dir={tmp_path / 'ldm'}", f"train.vae_checkpoint={VAETrainer(vae_cfg).train()}"])
     pipe = LDMPipeline.from_checkpoint(LDMTrainer(cfg).train())
     captions = [it["caption"] for it in heldout_items(128, RESOLUTION, seed=0)]

@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from helpers import CONFIGS, ROOT
 from ldm.checkpoint import load_vae_file
 from ldm.config import VAELossConfig, load_config
 from ldm.errors import CheckpointError
@@ -32,7 +33,6 @@ from ldm.train.vae_loss import (
 from ldm.config import ConfigError
 from ldm.train.vae_trainer import VAETrainer, heldout_images, latent_scaling_factor, narrow_posterior_, psnr
 
-ROOT = Path(__file__).resolve().parents[1]
 TINY = [
     "model.vae.ch=16", "data.resolution=16", "data.heldout_size=8", "train.batch_size=2", "train.steps=6",
     "train.warmup_steps=2", "train.save_every=3", "train.sample_every=0", "train.log_with=none",
@@ -45,7 +45,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def config(out, *extra):
-    return load_config(ROOT / "configs/vae_tiny.yaml", [*TINY, f"train.output_dir={out}", *extra])
+    return load_config(CONFIGS / "vae_tiny.yaml", [*TINY, f"train.output_dir={out}", *extra])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -308,7 +308,7 @@ def test_tool_trains_and_reports_where_things_went(tmp_path, capsys):
         import train_vae
     finally:
         sys.path.remove(str(ROOT / "tools"))
-    argv = [str(ROOT / "configs/vae_tiny.yaml"), *TINY, "train.steps=2", f"train.output_dir={tmp_path}"]
+    argv = [str(CONFIGS / "vae_tiny.yaml"), *TINY, "train.steps=2", f"train.output_dir={tmp_path}"]
     assert train_vae.main(argv) == 0
     out = capsys.readouterr().out
     assert f"vae:     {tmp_path / 'vae.safetensors'}" in out and "held-out PSNR" in out
@@ -318,6 +318,6 @@ def test_tool_trains_and_reports_where_things_went(tmp_path, capsys):
 
 def test_vae_configs_match_the_models_they_train():
     for vae_cfg, ldm_cfg in (("vae_tiny", "sd_tiny"), ("vae_small", "sd_small")):
-        a = load_config(ROOT / f"configs/{vae_cfg}.yaml").model.vae
-        b = load_config(ROOT / f"configs/{ldm_cfg}.yaml").model.vae
+        a = load_config(CONFIGS / f"{vae_cfg}.yaml").model.vae
+        b = load_config(CONFIGS / f"{ldm_cfg}.yaml").model.vae
         assert a == b, vae_cfg
