@@ -23,6 +23,7 @@ from ldm.checkpoint import PREFIXES
 from ldm.config import load_config
 from ldm.build import ModelState
 from ldm.convert import detect_config, ema_key, read_checkpoint
+from ldm.convert.single_file import write
 from ldm.errors import CheckpointError
 from ldm.models import build_models
 from ldm.pipeline import LDMPipeline
@@ -86,27 +87,9 @@ def small_state(name: str) -> dict[str, torch.Tensor]:
 
 
 def schedule_buffers(pipe: LDMPipeline) -> dict[str, torch.Tensor]:
-    """The schedule buffers the original `LatentDiffusion.register_schedule` stores (float32)."""
-    betas = pipe.schedule.betas
-    ac = pipe.schedule.alphas_cumprod
-    ac_prev = torch.cat([ac.new_ones(1), ac[:-1]])
-    post_var = betas * (1 - ac_prev) / (1 - ac)
-    out = {
-        "betas": betas,
-        "alphas_cumprod": ac,
-        "alphas_cumprod_prev": ac_prev,
-        "sqrt_alphas_cumprod": ac.sqrt(),
-        "sqrt_one_minus_alphas_cumprod": (1 - ac).sqrt(),
-        "log_one_minus_alphas_cumprod": (1 - ac).log(),
-        "sqrt_recip_alphas_cumprod": ac.rsqrt(),
-        "sqrt_recipm1_alphas_cumprod": (1 / ac - 1).sqrt(),
-        "posterior_variance": post_var,
-        "posterior_log_variance_clipped": post_var.clamp(min=1e-20).log(),
-        "posterior_mean_coef1": betas * ac_prev.sqrt() / (1 - ac),
-        "posterior_mean_coef2": (1 - ac_prev) * (1 - betas).sqrt() / (1 - ac),
-        "logvar": torch.zeros(len(ac)),
-    }
-    return {k: v.float() for k, v in out.items()}
+    """The schedule buffers the original `LatentDiffusion.register_schedule` stores (float32), with
+    its per-timestep `logvar`."""
+    return {**write.schedule_buffers(pipe.diffusion), "logvar": torch.zeros(pipe.diffusion.num_timesteps)}
 
 
 def original_state(pipe: LDMPipeline, *, extras: bool = True) -> dict[str, torch.Tensor]:
