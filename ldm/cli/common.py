@@ -81,7 +81,7 @@ def add_sampling_args(parser: argparse.ArgumentParser, *, out: str) -> None:
     parser.add_argument("--guidance-rescale", type=float, default=0.0, help="CFG rescale factor in [0, 1]")
     parser.add_argument("--seed", type=int, default=None,
                         help="seed of the first image; image k uses seed + k (default: random)")
-    parser.add_argument("--n", dest="num_images", type=int, default=1, help="number of images (default 1)")
+    parser.add_argument("--n", dest="num_images", type=int, default=1, metavar="N", help="number of images (default 1)")
     parser.add_argument("--out", type=Path, default=Path(out), help=f"output folder (default {out})")
 
 
