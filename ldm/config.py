@@ -226,35 +226,83 @@ class SampleConfig:
     negative_prompt: str = ""
 
 
-DATA_SOURCES = ("shapes", "shards", "latents")
+DATA_SOURCES = ("shapes", "folder", "shards", "latents")
+CROPS = ("center", "random")
 LR_SCHEDULES = ("constant", "cosine")
 MIXED_PRECISION = ("no", "bf16", "fp16")
 
 
+def multiple_hint(value: int, factor: int) -> str:
+    """"try 28 or 32": the nearest multiples of `factor` around `value` (positive ones only)."""
+    lo, hi = value - value % factor, value - value % factor + factor
+    return f"try {lo} or {hi}" if lo > 0 else f"try {hi}"
+
+
 @dataclass
 class DataConfig:
-    """Where training images come from. `shapes` (the built-in rendered dataset) needs no files."""
+    """Where training images come from, for both stages. `shapes` (the built-in rendered dataset)
+    needs no files; `folder` reads images with captions directly; `shards` reads webdataset shards."""
 
-    source: str = "shapes"  # "shapes" | "shards" (image+caption webdataset) | "latents" (cached latents)
-    urls: str = ""  # shards: a directory, a file, a brace pattern or a `pipe:` command
+    source: str = "shapes"  # "shapes" | "folder" | "shards" (image+caption webdataset) | "latents" (cached latents)
+    # folder: a folder of images with sidecar .txt captions, or a .jsonl/.csv/.tsv caption table;
+    # shards/latents: a directory, a file, a brace pattern, an index .json or a `pipe:` command
+    urls: str = ""
     resolution: int = 64
     caption_dropout: float = 0.1  # fraction of captions replaced by "" so the model learns p(x) for CFG
     shapes_max_objects: int = 1
     shuffle_buffer: int = 1000
     num_workers: int = 2
-    epoch_length: int = 1000  # shards/latents: batches per rank per pass (equal on every rank)
-    random_crop: bool = False
-    heldout_size: int = 256  # held-out samples for evaluation (shapes: a disjoint split)
+    epoch_length: int = 1000  # folder/shards/latents: batches per rank per pass (equal on every rank)
+    crop: str = "center"  # "center" | "random": which square (or bucket) of a resized image trains
+    # Aspect-ratio buckets: each image trains at the (width, height) nearest its aspect ratio, from
+    # sizes of about resolution^2 pixels with sides multiples of bucket_step, ratios up to
+    # max_aspect_ratio; a batch holds one size. Off: every image is a resolution x resolution crop.
+    buckets: bool = False
+    bucket_step: int = 64
+    max_aspect_ratio: float = 2.0
+    # Images with a shorter side below min_size are skipped (counted "too_small"); smaller than the
+    # training size but not below it, upscaled (counted "upscaled"). None: resolution // 2; 0: keep all.
+    min_size: int | None = None
+    allow_empty_captions: bool = False  # folder: train images without a caption with "" instead of skipping them
+    image_column: str = "image"  # folder with a caption table: the image path column
+    caption_column: str = "caption"  # ... and the caption column
+    heldout_size: int = 256  # held-out images evaluated (stage-1 PSNR and scaling factor, stage-2 loss)
+    # folder/shards/latents: the share of samples held out of training (chosen by a hash of the
+    # sample key, so the same on every run, rank and stage), unless heldout_urls names other data.
+    heldout_fraction: float = 0.02
+    heldout_urls: str = ""
 
     def validate(self) -> None:
         if self.source not in DATA_SOURCES:
             raise ConfigError(f"data.source must be one of {DATA_SOURCES} (got {self.source!r})")
         if self.source != "shapes" and not self.urls:
-            raise ConfigError(f"data.source={self.source!r} needs data.urls (a shard directory, file or pattern)")
+            what = "a folder of images or a caption table" if self.source == "folder" else "a shard directory, file or pattern"
+            raise ConfigError(f"data.source={self.source!r} needs data.urls ({what})")
+        if self.crop not in CROPS:
+            raise ConfigError(f"data.crop must be one of {CROPS} (got {self.crop!r})")
         if not 0 <= self.caption_dropout < 1:
             raise ConfigError(f"data.caption_dropout must be in [0, 1) (got {self.caption_dropout})")
         if self.resolution < 8:
             raise ConfigError(f"data.resolution must be >= 8 (got {self.resolution})")
+        if self.min_size is not None and self.min_size < 0:
+            raise ConfigError(f"data.min_size must be >= 0, or null for half the resolution (got {self.min_size})")
+        if not 0 <= self.heldout_fraction < 1:
+            raise ConfigError(f"data.heldout_fraction must be in [0, 1) (got {self.heldout_fraction})")
+        if self.buckets:
+            if self.bucket_step < 1 or self.resolution % self.bucket_step:
+                raise ConfigError(f"data.resolution {self.resolution} must be a multiple of data.bucket_step "
+                                  f"{self.bucket_step}; {multiple_hint(self.resolution, self.bucket_step)}")
+            if not self.max_aspect_ratio >= 1:
+                raise ConfigError(f"data.max_aspect_ratio must be >= 1 (got {self.max_aspect_ratio})")
+
+    def check_factor(self, factor: int) -> None:
+        """Training sizes must be multiples of the VAE's downsampling `factor`."""
+        if self.resolution % factor:
+            raise ConfigError(f"data.resolution {self.resolution} is not a multiple of the VAE's downsampling "
+                              f"factor {factor}; {multiple_hint(self.resolution, factor)}")
+        if self.buckets and self.bucket_step % factor:
+            raise ConfigError(f"data.bucket_step {self.bucket_step} is not a multiple of the VAE's downsampling "
+                              f"factor {factor}; {multiple_hint(self.bucket_step, factor)}")
 
 
 @dataclass
@@ -364,6 +412,7 @@ class Config:
     def validate(self) -> None:
         self.model.validate()
         self.data.validate()
+        self.data.check_factor(self.model.vae.downsample_factor)
         self.train.validate()
         self.vae_loss.validate()
 

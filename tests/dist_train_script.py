@@ -8,6 +8,7 @@ from pathlib import Path
 
 from helpers import SD_TINY  # this script's folder, tests/, is first on sys.path
 from ldm.config import load_config
+from ldm.data.batches import Batches
 from ldm.train.ldm_trainer import LDMTrainer
 
 out, overrides = Path(sys.argv[1]), sys.argv[2:]
@@ -18,9 +19,14 @@ original = trainer.batches
 
 
 def recording():
-    for batch in original():
-        seen.extend(batch["caption"] if "caption" in batch else [])
-        yield batch
+    batches = original()
+
+    def captions():
+        for batch in batches:
+            seen.extend(batch["caption"] if "caption" in batch else [])
+            yield batch
+
+    return Batches(batches.source, captions(), batches.loader)
 
 
 trainer.batches = recording

@@ -137,7 +137,8 @@ def test_sigkill_at_any_moment_leaves_a_loadable_state(tmp_path, vae_file):
 
 
 def test_training_from_shards_resumes_at_the_same_data_position(tmp_path, vae_file):
-    from ldm.data.shards import shapes_samples, write_shards
+    from ldm.data.sources import shapes_samples
+    from ldm.data.writer import write_shards
 
     write_shards(shapes_samples(24, resolution=16, seed=3), str(tmp_path / "shards" / "train"), max_count=8, progress=False)
     data = [f"data.source=shards", f"data.urls={tmp_path / 'shards'}", "data.num_workers=0", "data.epoch_length=4",
@@ -155,7 +156,9 @@ def test_training_from_shards_resumes_at_the_same_data_position(tmp_path, vae_fi
 def test_cached_latents_train_like_images(tmp_path, vae_file):
     from ldm.checkpoint import load_vae_file
     from ldm.data.latents import cache_latents
-    from ldm.data.shards import make_latent_loader, shapes_samples, write_shards
+    from ldm.data.reader import make_latent_loader
+    from ldm.data.sources import shapes_samples
+    from ldm.data.writer import write_shards
 
     write_shards(shapes_samples(6, resolution=16, seed=4), str(tmp_path / "img" / "s"), progress=False)
     vae = load_vae_file(vae_file)
@@ -166,7 +169,7 @@ def test_cached_latents_train_like_images(tmp_path, vae_file):
     side = 16 // vae.downsample_factor
     assert batch["latent"].shape == (6, 4, side, side)
     # The cache holds the posterior means of the images it was made from.
-    from ldm.data.shards import make_image_text_loader
+    from ldm.data.reader import make_image_text_loader
 
     imgs = next(iter(make_image_text_loader(str(tmp_path / "img"), resolution=16, batch_size=6, num_workers=0,
                                             shuffle_buffer=0)))

@@ -14,16 +14,9 @@ import webdataset as wds
 from PIL import Image
 
 from helpers import ROOT
-from ldm.data.shards import (
-    Skip,
-    folder_samples,
-    make_image_text_loader,
-    make_latent_loader,
-    shapes_samples,
-    table_samples,
-    write_latent_shards,
-    write_shards,
-)
+from ldm.data.reader import make_image_text_loader, make_latent_loader
+from ldm.data.sources import Skip, folder_samples, shapes_samples, table_samples
+from ldm.data.writer import write_latent_shards, write_shards
 
 
 def image_bytes(i: int, fmt: str = "PNG", size=(24, 20), noise: bool = False) -> bytes:
@@ -245,7 +238,7 @@ def test_equal_batch_counts_per_rank_with_uneven_data(tmp_path):
 def test_stream_is_deterministic_and_resumes_exactly(tmp_path):
     make_tar_shards(tmp_path, 20, per_shard=5)
     kw = dict(resolution=12, batch_size=2, num_workers=2, shuffle_buffer=6, seed=7, epoch_length=5,
-              random_crop=True, rank=0, world_size=1)
+              crop="random", rank=0, world_size=1)
     loader = make_image_text_loader(tmp_path, **kw)
     epochs = [list(loader) for _ in range(2)]
     assert keys_of(epochs[0]) != keys_of(epochs[1])
@@ -333,7 +326,7 @@ def test_skip_markers_are_counted_by_reason(tmp_path):
 
 
 def test_all_broken_data_with_epoch_length_is_an_error_not_a_hang(tmp_path, monkeypatch):
-    monkeypatch.setattr("ldm.data.shards.MAX_CONSECUTIVE_BROKEN", 20)
+    monkeypatch.setattr("ldm.data.reader.MAX_CONSECUTIVE_BROKEN", 20)
     with wds.TarWriter(str(tmp_path / "b.tar"), encoder=False) as w:
         for i in range(3):
             w.write({"__key__": f"k{i}", "png": image_bytes(i)})  # no captions

@@ -20,14 +20,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ldm.data.shards import (  # noqa: E402
-    folder_samples,
-    list_images,
-    read_table,
-    shapes_samples,
-    table_samples,
-    write_shards,
-)
+from ldm.data.sources import folder_samples, list_images, read_table, shapes_samples, table_samples  # noqa: E402
+from ldm.data.writer import write_shards  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

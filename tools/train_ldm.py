@@ -6,7 +6,10 @@
     python tools/train_ldm.py configs/sd_tiny.yaml --resume             # continue from the latest state
     accelerate launch --num_processes 8 tools/train_ldm.py configs/sd_small.yaml
 
-When `train.vae_checkpoint` does not exist yet, stage 1 runs first with `train.vae_config`.
+When `train.vae_checkpoint` does not exist yet, stage 1 runs first with `train.vae_config`, on the
+data stage 2 reads (`data.*` keys carry over unless the VAE config sets them; see docs/training.md).
+
+    python tools/train_ldm.py configs/sd_tiny.yaml data.source=folder data.urls=my_images/   # your own images
 """
 
 from __future__ import annotations
@@ -28,33 +31,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--resume", action="store_true", help="continue from the latest training state in train.output_dir")
     args = parser.parse_args(argv)
 
-    from ldm.train.ldm_trainer import LDMTrainer
-    from ldm.train.vae_trainer import VAETrainer
+    from ldm.train.stages import train_stages
 
     cfg = load_config(args.config, args.overrides)
-    vae_path = Path(cfg.train.vae_checkpoint)
-    if not vae_path.is_file():
-        if not cfg.train.vae_config:
-            raise ValueError(f"VAE checkpoint {vae_path} not found and train.vae_config is empty: train a VAE first")
-        print(f"stage 1: VAE checkpoint {vae_path} not found; training it first with {cfg.train.vae_config}")
-        vae_cfg = load_config(cfg.train.vae_config)
-        stage1 = VAETrainer(vae_cfg, resume=args.resume)
-        exported = stage1.train()
-        if stage1.step < vae_cfg.train.steps:  # interrupted: its state is saved; stage 2 must wait
-            print(f"stage 1 stopped at step {stage1.step}; run the same command with --resume to continue")
-            return 130
-        if exported.resolve() != vae_path.resolve():
-            raise ValueError(
-                f"stage 1 wrote {exported} but train.vae_checkpoint is {vae_path}: make {cfg.train.vae_config}'s "
-                "train.output_dir and this config's train.vae_checkpoint agree"
-            )
-        print("stage 2: latent diffusion")
-    trainer = LDMTrainer(cfg, resume=args.resume)
-    path = trainer.train()
-    if trainer.step < cfg.train.steps:
+    path = train_stages(cfg, args.overrides, resume=args.resume)
+    if path is None:  # interrupted: the state is saved
         return 130
     print(f"model: {path}")
-    print(f"try:   python tools/txt2img.py --ckpt {path} --prompt \"a large red circle in the center on a white background\"")
+    prompt = cfg.train.sample_prompts[0] if cfg.train.sample_prompts else (
+        "a large red circle in the center on a white background" if cfg.data.source == "shapes"
+        else "a caption like those of your images")
+    print(f"try:   python tools/txt2img.py --ckpt {path} --prompt \"{prompt}\"")
     return 0
 
 

@@ -12,9 +12,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import TrainConfig
-from ..data.shards import make_image_text_loader, make_latent_loader, shapes_samples, write_latent_shards, write_shards
+from ..data.batches import shapes_batches
+from ..data.reader import make_image_text_loader, make_latent_loader
+from ..data.sources import shapes_samples
+from ..data.writer import write_latent_shards, write_shards
 from ..pipeline import LDMPipeline
-from ..train.loop import make_optimizer, shapes_batches
+from ..train.loop import make_optimizer
 from .measure import count_flops
 from .options import CFG_SCALE, CFG_TIMESTEP, CPU_TRAIN_SHAPES, GPU_TRAIN_SHAPES, PROMPT, Row
 from .setup import Setup, free_memory, impl_name, optimize_unet_or_none, optimize_vae_or_none, reset_compiler

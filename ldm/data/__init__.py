@@ -1,2 +1,2 @@
-"""Training data: webdataset shards for real images, and a built-in rendered dataset of coloured
-shapes with captions and exact ground truth (`ldm.data.shapes`) for machines with no data."""
+"""Training data: one entry point (`batches.training_batches`) over the built-in shapes, a folder
+of captioned images, webdataset shards and cached latents; the shard writer and reader."""

@@ -15,7 +15,8 @@ import torch
 
 from ..models.text import TextEncoder
 from ..models.vae import AutoencoderKL
-from .shards import WriteSummary, make_image_text_loader, write_latent_shards
+from .reader import make_image_text_loader
+from .writer import WriteSummary, write_latent_shards
 
 
 @torch.inference_mode()

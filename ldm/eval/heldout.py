@@ -26,13 +26,17 @@ def heldout_items(n: int, resolution: int, seed: int = 0, max_objects: int = 1) 
 def heldout_loss(
     pipe: LDMPipeline, items: list[dict], timesteps=EVAL_TIMESTEPS, batch_size: int = 32, seed: int = 0
 ) -> dict[str, float]:
-    """Mean denoising loss per timestep (and overall) on `items`, with fixed noise."""
+    """Mean denoising loss per timestep (and overall) on `items` ({"image" or "latent", "caption"}),
+    with fixed noise."""
     device, dtype = pipe.device, pipe.dtype
     totals = {t: 0.0 for t in timesteps}
     for start in range(0, len(items), batch_size):
         chunk = items[start : start + batch_size]
-        images = torch.stack([it["image"] for it in chunk]).to(device, dtype)
-        z = pipe.vae.encode(images).mean.float() * pipe.vae.scaling_factor
+        if "latent" in chunk[0]:  # cached posterior means (data.source=latents)
+            z = torch.stack([it["latent"] for it in chunk]).to(device).float() * pipe.vae.scaling_factor
+        else:
+            images = torch.stack([it["image"] for it in chunk]).to(device, dtype)
+            z = pipe.vae.encode(images).mean.float() * pipe.vae.scaling_factor
         context = pipe.encode_prompt([it["caption"] for it in chunk])
         for t in timesteps:
             g = torch.Generator().manual_seed(seed * 1000 + t + start)

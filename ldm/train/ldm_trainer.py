@@ -1,8 +1,9 @@
 """Stage 2: train the U-Net (and optionally the text encoder) on VAE latents.
 
-Reads as a loop: build, resume, then per step draw a batch, encode it to latents, noise it at
-random timesteps, predict, and step the optimizer; every so often log, draw samples and save
-an atomic training state. The final export is an inference model file with the EMA weights.
+Builds the models and supplies the step the shared loop (`ldm.train.loop.Trainer`) runs: draw a
+batch, encode it to latents, noise it at random timesteps, predict, and step the optimizer. The
+held-out denoising loss is measured before the first step and at the end; the export is an
+inference model file with the EMA weights.
 """
 
 from __future__ import annotations
@@ -15,25 +16,15 @@ import torch
 from tqdm.auto import tqdm
 
 from ..checkpoint import load_state_strict, load_vae_file, read_model_file
-from ..config import Config, to_dict
+from ..config import Config
+from ..data.batches import heldout_items
 from ..diffusion import Schedule, diffusion_loss, q_sample, sample_timesteps
+from ..eval.heldout import heldout_loss
 from ..images import make_grid
 from ..models import build_models
 from ..pipeline import LDMPipeline
-from .checkpoint import find_latest_state, load_training_state, save_training_state
 from .ema import EMA
-from .loop import (
-    BadLossGuard,
-    Interrupt,
-    Throughput,
-    Trainer,
-    caption_keep_mask,
-    make_accelerator,
-    make_lr_scheduler,
-    make_optimizer,
-    shapes_batches,
-    step_generator,
-)
+from .loop import Trainer, caption_keep_mask, make_lr_scheduler, make_optimizer, step_generator
 
 DEFAULT_PROMPTS = (
     "a large red circle in the center on a white background",
@@ -46,12 +37,11 @@ DEFAULT_PROMPTS = (
 class LDMTrainer(Trainer):
     """Owns one stage-2 run: models, optimizer, EMA, data position, and the output directory."""
 
+    NAME = "ldm"
+
     def __init__(self, cfg: Config, *, resume: bool = False):
-        self.cfg = cfg
-        t = cfg.train
-        self.out = Path(t.output_dir)
-        self.accelerator = make_accelerator(t, str(self.out))
-        acc = self.accelerator
+        super().__init__(cfg, resume=resume)
+        t, acc = cfg.train, self.accelerator
 
         # The VAE is fixed in stage 2 and defines the latent space (and its scaling factor).
         if not t.vae_checkpoint:
@@ -81,23 +71,14 @@ class LDMTrainer(Trainer):
         self.ema = {"unet": EMA(unet, t.ema_decay)} if t.ema_decay > 0 else {}
         if self.ema and self.train_text:
             self.ema["text_encoder"] = EMA(text_encoder, t.ema_decay)
-        self.step = 0
-        self.bad = BadLossGuard(t.max_bad_steps)
-        self.loader = None  # the shard loader, whose position is saved with the training state
-        self.data_state = None
 
-        state = find_latest_state(self.out) if resume else None
-        if resume and state is None:
-            acc.print(f"--resume: no training state in {self.out}; starting from step 0")
+        state = self.resume_state()
         if state is not None:
-            weights, trainer, meta = load_training_state(state)
-            load_state_strict(unet, weights["unet"], f"{state} [unet]")
-            load_state_strict(text_encoder, weights["text_encoder"], f"{state} [text_encoder]")
+            weights, trainer = state
+            load_state_strict(unet, weights["unet"], f"{self._state} [unet]")
+            load_state_strict(text_encoder, weights["text_encoder"], f"{self._state} [text_encoder]")
             for name, ema in self.ema.items():
                 ema.load_state_dict(trainer["ema"][name])
-            self.step = meta["step"]
-            self.bad.total = meta.get("bad_steps", 0)
-            self.data_state = meta["data_position"].get("loader")
 
         # A frozen text encoder has nothing for DDP to synchronise: only trained modules are wrapped.
         text_encoder = text_encoder.to(acc.device)
@@ -112,33 +93,12 @@ class LDMTrainer(Trainer):
             # After the scheduler exists: its constructor resets the learning rate that this restores.
             optimizer.load_state_dict(trainer["optimizer"])
             scheduler.load_state_dict(trainer["scheduler"])
-            acc.print(f"resumed from {state} at step {self.step}")
+            self.resumed()
         self.unet, self.text_encoder, self.optimizer, self.scheduler = unet, text_encoder, optimizer, scheduler
-        self.prompts = list(t.sample_prompts) or list(DEFAULT_PROMPTS)
+        self.prompts = list(t.sample_prompts) or (list(DEFAULT_PROMPTS) if cfg.data.source == "shapes" else [])
+        self._heldout: list[dict] | None = None
 
     # ------------------------------------------------------------------------------------------
-
-    def batches(self):
-        """Micro-batches from the current step on: built-in data, image shards or latent shards."""
-        t, d, acc = self.cfg.train, self.cfg.data, self.accelerator
-        if d.source == "shapes":
-            return shapes_batches(d, t.batch_size, self.step, t.grad_accum, acc.process_index, acc.num_processes, t.seed)
-        from ..data.shards import make_image_text_loader, make_latent_loader
-
-        common = dict(batch_size=t.batch_size, num_workers=d.num_workers, shuffle_buffer=d.shuffle_buffer, seed=t.seed,
-                      epoch_length=d.epoch_length, rank=acc.process_index, world_size=acc.num_processes)
-        if d.source == "shards":
-            self.loader = make_image_text_loader(d.urls, resolution=d.resolution, random_crop=d.random_crop, **common)
-        else:
-            self.loader = make_latent_loader(d.urls, **common)
-        if self.data_state is not None:
-            self.loader.load_state_dict(self.data_state)
-
-        def forever():
-            while True:
-                yield from self.loader  # the loader moves to the next epoch by itself
-
-        return forever()
 
     def loss(self, batch: dict, step: int, micro: int) -> torch.Tensor:
         """Denoising loss of one micro-batch; all randomness from the (seed, step, rank) generator."""
@@ -171,46 +131,29 @@ class LDMTrainer(Trainer):
             pred.float(), z, noise, t, self.schedule, cfg.model.diffusion.prediction_type, cfg.train.min_snr_gamma
         )
 
+    def train_step(self, step: int, data) -> tuple[dict[str, float], dict[str, str]]:
+        t = self.cfg.train
+        (loss,), _ = self.accumulate(step, data, [self.unet], lambda batch, s, m: ([self.loss(batch, s, m)], {}))
+        if self.bad.check(loss, step):
+            if t.max_grad_norm > 0:
+                self.accelerator.clip_grad_norm_(self._params(), t.max_grad_norm)
+            self.optimizer.step()
+            for name, ema in self.ema.items():
+                ema.update(self.accelerator.unwrap_model(getattr(self, name)))
+        self.optimizer.zero_grad(set_to_none=True)
+        return {"loss": loss.item()}, {"loss": f"{loss.item():.4f}"}
+
     def train(self, until: int | None = None) -> Path:
-        """Run to `train.steps` and export the inference model file (returned). With `until`, stop
-        after that step with a saved state, as an interrupt would (a later run resumes from it)."""
-        cfg, acc = self.cfg, self.accelerator
-        t = cfg.train
-        if acc.is_main_process:
-            acc.init_trackers("ldm", config={"config": json.dumps(to_dict(cfg))})
-        data = self.batches()
-        images_per_step = t.batch_size * t.grad_accum * acc.num_processes
-        speed = Throughput()
-        bar = tqdm(total=t.steps, initial=self.step, desc="ldm", disable=not acc.is_main_process, dynamic_ncols=True)
+        """Run to `train.steps` and export the inference model file (returned); the held-out loss
+        is measured before the first step and after the last. With `until`, stop after that step
+        with a saved state, as an interrupt would (a later run resumes from it)."""
+        if self.step == 0 and until != 0:
+            self._write_metrics(heldout_loss_start=self.heldout_loss())
+        return super().train(until)
+
+    def train_mode(self) -> None:
         self.unet.train()
         self.text_encoder.train()
-        with Interrupt() as interrupt:
-            stop = t.steps if until is None else min(until, t.steps)
-            while self.step < stop and not interrupt.requested:
-                step = self.step
-                total = torch.zeros((), device=acc.device)
-                for micro in range(t.grad_accum):
-                    batch = next(data)
-                    with acc.accumulate(self.unet):
-                        loss = self.loss(batch, step, micro)
-                        acc.backward(loss)  # accelerate divides by grad_accum
-                        total += loss.detach() / t.grad_accum
-                loss_value = acc.reduce(total, reduction="mean")
-                if self.bad.check(loss_value, step):
-                    if t.max_grad_norm > 0:
-                        acc.clip_grad_norm_(self._params(), t.max_grad_norm)
-                    self.optimizer.step()
-                    for name, ema in self.ema.items():
-                        ema.update(acc.unwrap_model(getattr(self, name)))
-                self.optimizer.zero_grad(set_to_none=True)
-                self.scheduler.step()
-                self.step += 1
-                rate = speed.update(images_per_step)
-                if acc.is_main_process:
-                    bar.update(1)
-                    bar.set_postfix(loss=f"{loss_value.item():.4f}", img_s=f"{rate:.1f}", refresh=False)
-                self.after_step({"loss": loss_value.item(), "images_per_s": rate})
-        return self.finish(bar)
 
     def _params(self):
         params = list(self.unet.parameters())
@@ -218,11 +161,8 @@ class LDMTrainer(Trainer):
 
     # ------------------------------------------------------------------------------------------
 
-    def save_state(self) -> None:
+    def state_parts(self):
         acc = self.accelerator
-        acc.wait_for_everyone()
-        if not acc.is_main_process:
-            return
         weights = {
             "unet": acc.unwrap_model(self.unet).state_dict(),
             "text_encoder": acc.unwrap_model(self.text_encoder).state_dict(),
@@ -232,13 +172,33 @@ class LDMTrainer(Trainer):
             "scheduler": self.scheduler.state_dict(),
             "ema": {name: ema.state_dict() for name, ema in self.ema.items()},
         }
-        position = {"source": self.cfg.data.source, "step": self.step}
-        if self.loader is not None:
-            position["loader"] = self.loader.state_dict()
-        meta = {"data_position": position, "bad_steps": self.bad.total}
-        save_training_state(
-            self.out, self.step, weights, trainer, meta, json.dumps(to_dict(self.cfg), indent=2), self.cfg.train.keep_states
-        )
+        return weights, trainer
+
+    def heldout(self) -> list[dict]:
+        if self._heldout is None:
+            self._heldout = heldout_items(self.cfg.data, self.cfg.train.seed)
+        return self._heldout
+
+    def heldout_loss(self) -> float:
+        """Mean denoising loss of the EMA model on the held-out items (fixed noise and timesteps)."""
+        acc = self.accelerator
+        if not acc.is_main_process:
+            return float("nan")
+        with torch.random.fork_rng(devices=[]):  # building the copy draws initial weights
+            return heldout_loss(self.inference_pipeline(), self.heldout())["loss"]
+
+    def _write_metrics(self, **values: float) -> None:
+        """Merge `values` into <output_dir>/metrics.json and say them (rank 0)."""
+        acc = self.accelerator
+        if not acc.is_main_process:
+            return
+        path = self.out / "metrics.json"
+        metrics = json.loads(path.read_text()) if path.is_file() else {}
+        metrics.update(values, heldout_size=len(self.heldout()))
+        self.out.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(metrics, indent=2) + "\n")
+        for name, value in values.items():
+            acc.print(f"{name.replace('_', ' ')} {value:.4f} on {len(self.heldout())} held-out images")
 
     def inference_pipeline(self) -> LDMPipeline:
         """A pipeline on the EMA weights (the trained ones when EMA is off), on this device."""
@@ -252,13 +212,15 @@ class LDMTrainer(Trainer):
         return pipe.to(acc.device)
 
     def sample_grid(self) -> Path | None:
+        """Samples of `train.sample_prompts` (default: the first held-out captions) at fixed seeds."""
         acc = self.accelerator
         if not acc.is_main_process:
             return None
         t = self.cfg.train
         pipe = self.inference_pipeline()
+        prompts = self.prompts or [item["caption"] for item in self.heldout()[:4]]
         images = pipe.generate(
-            self.prompts, steps=t.sample_steps, cfg=t.sample_cfg, seed=0, sampler="dpmpp_2m", progress=False,
+            prompts, steps=t.sample_steps, cfg=t.sample_cfg, seed=0, sampler="dpmpp_2m", progress=False,
             height=self.cfg.data.resolution, width=self.cfg.data.resolution,
         )
         path = self.out / "samples" / f"step-{self.step:08d}.png"
@@ -274,5 +236,6 @@ class LDMTrainer(Trainer):
         if acc.is_main_process:
             self.inference_pipeline().save(path)
             acc.print(f"exported {path}")
+            self._write_metrics(heldout_loss=self.heldout_loss(), steps=self.step)
         acc.wait_for_everyone()
         return path

@@ -1,26 +1,32 @@
-"""Pieces every trainer shares: accelerator, optimizer, LR schedule, per-step randomness,
-deterministic batches of the built-in data, interrupt handling, and the step bookkeeping.
+"""The one training loop both stages run (`Trainer.train`), and what it is built from:
+accelerator, optimizer, LR schedule, per-step randomness, interrupt handling, bad-loss guard,
+and the training state's place on disk. Each trainer supplies its own step.
 
 Randomness is stateless: the noise, timesteps and caption dropout of step s on rank r come from
-a generator seeded with (seed, s, r), and the built-in data of step s is a pure function of s.
-So a run resumed from the state saved at step k replays steps k+1.. exactly as an uninterrupted
-run would, with no RNG state to save.
+a generator seeded with (seed, s, r); the built-in data of step s is a pure function of s, and
+file data resumes from the loader position saved with the state. So a run resumed from the
+state saved at step k replays steps k+1.. exactly as an uninterrupted run would.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import signal
 import time
 import warnings
-from pathlib import Path
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Iterator
+from pathlib import Path
+from typing import Any, Callable, Iterable
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
-from ..config import DataConfig, TrainConfig
+from ..config import Config, TrainConfig, to_dict
+from ..data.batches import Batches, check_data, describe, training_batches
+from .checkpoint import find_latest_state, load_training_state, save_training_state
 
 
 def cpu_has_native_bf16() -> bool:
@@ -107,22 +113,6 @@ def step_generator(seed: int, step: int, rank: int, stream: int = 0) -> torch.Ge
     return torch.Generator().manual_seed(mixed % (2**63 - 1))
 
 
-def shapes_batches(
-    data: DataConfig, batch_size: int, start_step: int, micro_steps: int, rank: int, world: int, seed: int
-) -> Iterator[dict]:
-    """Micro-batches of the built-in dataset from optimizer step `start_step` on: micro-batch m of
-    step s on rank r holds items ((s * micro_steps + m) * world + r) * batch_size + j."""
-    from ..data.shapes import ShapesDataset
-
-    dataset = ShapesDataset(resolution=data.resolution, length=2**62, seed=seed, max_objects=data.shapes_max_objects)
-    index = start_step * micro_steps
-    while True:
-        base = (index * world + rank) * batch_size
-        items = [dataset[base + j] for j in range(batch_size)]
-        yield {"image": torch.stack([it["image"] for it in items]), "caption": [it["caption"] for it in items]}
-        index += 1
-
-
 def caption_keep_mask(n: int, p: float, generator: torch.Generator) -> torch.Tensor:
     """(n,) bool: which captions survive dropout with probability p (classifier-free guidance training).
     Always draws n numbers, so the rest of the step's randomness does not depend on p."""
@@ -194,12 +184,115 @@ class BadLossGuard:
         return False
 
 
-class Trainer:
-    """Bookkeeping both trainers share around their own step: periodic logs, sample grids and
-    states, and the end of a run. Subclasses set cfg, accelerator, out, step, scheduler, bad and
-    EXPORT_NAME, and provide sample_grid(), save_state() and export()."""
+class Trainer(ABC):
+    """One stage's run: the output directory, the accelerator, resume, the data stream and the loop.
 
+    A subclass builds its models and optimizers in `__init__` (after `super().__init__`, between
+    `resume_state()` and `accelerator.prepare`), and provides:
+      NAME, EXPORT_NAME           tracker and progress-bar name, export file name;
+      train_step(step, data)      one optimizer step (see `accumulate`) -> (logs, bar postfix);
+      state_parts()               (weights by name, trainer objects) for the training state;
+      sample_grid(), export()     periodic samples, and the final model file.
+    """
+
+    NAME = "model"
     EXPORT_NAME = "model.safetensors"
+
+    def __init__(self, cfg: Config, *, resume: bool = False, images: bool = False):
+        """`images`: the stage trains on pixels, so cached latents are not data for it."""
+        check_data(cfg.data, images=images)  # bad data fails before anything is built
+        self.cfg = cfg
+        t = cfg.train
+        self.out = Path(t.output_dir)
+        self.accelerator = make_accelerator(t, str(self.out))
+        self.step = 0
+        self.bad = BadLossGuard(t.max_bad_steps)
+        self.data: Batches | None = None
+        self._position: dict | None = None  # the data position of the state resumed from
+        self._state = find_latest_state(self.out) if resume else None
+        if resume and self._state is None:
+            self.accelerator.print(f"--resume: no training state in {self.out}; starting from step 0")
+
+    def resume_state(self) -> tuple[dict, dict] | None:
+        """(weights, trainer objects) of the state to resume from, or None for a fresh run; sets
+        the step, the bad-step count and the data position."""
+        if self._state is None:
+            return None
+        weights, trainer, meta = load_training_state(self._state)
+        self.step = meta["step"]
+        self.bad.total = meta.get("bad_steps", 0)
+        self._position = meta.get("data_position")
+        return weights, trainer
+
+    def resumed(self) -> None:
+        if self._state is not None:
+            self.accelerator.print(f"resumed from {self._state} at step {self.step}")
+
+    def batches(self) -> Batches:
+        """Micro-batches from the current step (and the resumed data position) on."""
+        t, acc = self.cfg.train, self.accelerator
+        return training_batches(self.cfg.data, batch_size=t.batch_size, grad_accum=t.grad_accum, seed=t.seed,
+                                rank=acc.process_index, world=acc.num_processes, start_step=self.step,
+                                position=self._position)
+
+    def accumulate(
+        self, step: int, data: Iterable[dict], models: list[nn.Module],
+        losses: Callable[[dict, int, int], tuple[list[torch.Tensor | None], dict[str, torch.Tensor]]],
+    ) -> tuple[list[torch.Tensor], dict[str, float]]:
+        """The micro-batches of optimizer step `step`: `losses(batch, step, micro)` gives losses
+        (None: not this time) and logs; each loss is backpropagated in turn. Returns each loss's
+        mean over micro-batches and ranks, and the logs' means over micro-batches."""
+        t, acc = self.cfg.train, self.accelerator
+        totals: list[torch.Tensor] = []
+        logs: dict[str, float] = {}
+        for micro in range(t.grad_accum):
+            batch = next(data)
+            with acc.accumulate(*models):
+                parts, micro_logs = losses(batch, step, micro)
+                totals = totals or [torch.zeros((), device=acc.device) for _ in parts]
+                for i, loss in enumerate(parts):
+                    if loss is not None:
+                        acc.backward(loss)  # accelerate divides by grad_accum
+                        totals[i] += loss.detach() / t.grad_accum
+            for k, v in micro_logs.items():
+                logs[k] = logs.get(k, 0.0) + v.item() / t.grad_accum
+        return [acc.reduce(total, reduction="mean") for total in totals], logs
+
+    @abstractmethod
+    def train_step(self, step: int, data: Batches) -> tuple[dict[str, float], dict[str, str]]:
+        """One optimizer step (micro-batches through `accumulate`) -> (logs, progress-bar postfix)."""
+
+    def train(self, until: int | None = None) -> Path:
+        """Run to `train.steps` and export (the export's path is returned). With `until`, stop after
+        that step with a saved state, as an interrupt would (a later run resumes from it)."""
+        cfg, acc = self.cfg, self.accelerator
+        t = cfg.train
+        if acc.is_main_process:
+            acc.init_trackers(self.NAME, config={"config": json.dumps(to_dict(cfg))})
+        if self.data is None:
+            acc.print(f"{self.NAME}: reads {describe(cfg.data)}")
+            self.data = self.batches()
+        images_per_step = t.batch_size * t.grad_accum * acc.num_processes
+        speed = Throughput()
+        bar = tqdm(total=t.steps, initial=self.step, desc=self.NAME, disable=not acc.is_main_process,
+                   dynamic_ncols=True)
+        self.train_mode()
+        with Interrupt() as interrupt:
+            stop = t.steps if until is None else min(until, t.steps)
+            while self.step < stop and not interrupt.requested:
+                logs, postfix = self.train_step(self.step, self.data)
+                self.scheduler.step()
+                self.step += 1
+                rate = speed.update(images_per_step)
+                if acc.is_main_process:
+                    bar.update(1)
+                    bar.set_postfix({**postfix, "img_s": f"{rate:.1f}"}, refresh=False)
+                self.after_step({**logs, "images_per_s": rate})
+        return self.finish(bar)
+
+    @abstractmethod
+    def train_mode(self) -> None:
+        """Put the trained modules in training mode."""
 
     def after_step(self, logs: dict[str, float]) -> None:
         """Call after `self.step` advanced: logs every log_every, samples every sample_every,
@@ -211,6 +304,34 @@ class Trainer:
             self.sample_grid()
         if self.step % t.save_every == 0:
             self.save_state()
+
+    @abstractmethod
+    def state_parts(self) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, Any]]:
+        """(weights by name, optimizer/scheduler/EMA states) for the training state."""
+
+    @abstractmethod
+    def sample_grid(self) -> Path | None:
+        """Write a grid of samples (or reconstructions) for the current step; rank 0 only."""
+
+    @abstractmethod
+    def export(self) -> Path:
+        """Write the final model file and return its path."""
+
+    def save_state(self) -> None:
+        """Write the training state of the current step (rank 0), with the data position."""
+        acc = self.accelerator
+        acc.wait_for_everyone()
+        if not acc.is_main_process:
+            return
+        weights, trainer = self.state_parts()
+        if self.data is not None:
+            position = self.data.position(self.step)
+        else:  # saved before reading any data: the resumed position still holds
+            position = {**(self._position or {"source": self.cfg.data.source}), "step": self.step}
+        meta = {"data_position": position, "bad_steps": self.bad.total}
+        save_training_state(
+            self.out, self.step, weights, trainer, meta, json.dumps(to_dict(self.cfg), indent=2), self.cfg.train.keep_states
+        )
 
     def finish(self, bar) -> Path:
         """Save the final state; export when the run reached train.steps (else say how to resume)."""

@@ -1,10 +1,11 @@
 """Stage 1: train the KL autoencoder (with a patch discriminator from `disc_start` on).
 
-Reads as a loop: build, resume, then per step draw a batch, encode it, sample the posterior with
-the step's own noise, decode, and step the autoencoder's optimizer (and the discriminator's once
-it is active); every so often log, save reconstructions and an atomic training state. At the end
-the held-out PSNR and the latent scaling factor are measured and the VAE (EMA weights) exported
-as a model file that `load_vae_file` reads and stage 2 trains on.
+Builds the autoencoder and discriminator and supplies the step the shared loop
+(`ldm.train.loop.Trainer`) runs: draw a batch, encode it, sample the posterior with the step's own
+noise, decode, and step the autoencoder's optimizer (and the discriminator's once it is active).
+At the end the held-out PSNR and the latent scaling factor are measured on held-out images of the
+training data (any source) and the VAE (EMA weights) is exported as a model file that
+`load_vae_file` reads and stage 2 trains on.
 """
 
 from __future__ import annotations
@@ -17,25 +18,14 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from ..checkpoint import load_state_strict, save_model_file
-from ..config import Config, DataConfig, to_dict
+from ..config import Config, DataConfig
+from ..data.batches import heldout_items
 from ..images import make_grid, to_pil
 from ..models.vae import AutoencoderKL, DiagonalGaussian
-from .checkpoint import find_latest_state, load_training_state, save_training_state
 from .ema import EMA
-from .loop import (
-    BadLossGuard,
-    Interrupt,
-    Throughput,
-    Trainer,
-    make_accelerator,
-    make_lr_scheduler,
-    make_optimizer,
-    shapes_batches,
-    step_generator,
-)
+from .loop import Trainer, make_lr_scheduler, make_optimizer, step_generator
 from .vae_loss import PatchDiscriminator, VAELoss, lpips_from_config
 
 # GAN practice (and the original autoencoder training): a short memory for the first moment.
@@ -66,15 +56,8 @@ def latent_shape(vae: AutoencoderKL, images: torch.Tensor) -> tuple[int, ...]:
 
 
 def heldout_images(data: DataConfig, seed: int) -> torch.Tensor:
-    """The first `data.heldout_size` images of the held-out split: (N, 3, H, W) in [-1, 1]."""
-    if data.source != "shapes":
-        raise NotImplementedError(f"held-out evaluation for data.source={data.source!r} is not wired yet; use 'shapes'")
-    if data.heldout_size < 1:
-        raise ValueError(f"data.heldout_size must be >= 1 to measure the VAE (got {data.heldout_size})")
-    from ..data.shapes import ShapesDataset
-
-    dataset = ShapesDataset(data.resolution, data.heldout_size, seed, data.shapes_max_objects, split="heldout")
-    return torch.stack([dataset[i]["image"] for i in range(len(dataset))])
+    """The first `data.heldout_size` held-out images of the data: (N, 3, H, W) in [-1, 1]."""
+    return torch.stack([item["image"] for item in heldout_items(data, seed)])
 
 
 @torch.no_grad()
@@ -125,14 +108,12 @@ def narrow_posterior_(vae: AutoencoderKL, logvar: float) -> None:
 class VAETrainer(Trainer):
     """Owns one stage-1 run: autoencoder, discriminator, their optimizers, EMA, and the output directory."""
 
+    NAME = "vae"
     EXPORT_NAME = "vae.safetensors"
 
     def __init__(self, cfg: Config, *, resume: bool = False):
-        self.cfg = cfg
-        t, lc = cfg.train, cfg.vae_loss
-        self.out = Path(t.output_dir)
-        self.accelerator = make_accelerator(t, str(self.out))
-        acc = self.accelerator
+        super().__init__(cfg, resume=resume, images=True)
+        t, lc, acc = cfg.train, cfg.vae_loss, self.accelerator
 
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(t.seed)
@@ -144,24 +125,18 @@ class VAETrainer(Trainer):
         disc_opt_cfg = dataclasses.replace(t, adam_betas=DISC_BETAS, weight_decay=0.0)
         disc_optimizer = make_optimizer(list(disc.parameters()), disc_opt_cfg, lr=lc.disc_lr)
         self.ema = EMA(vae, t.ema_decay) if t.ema_decay > 0 else None
-        self.step = 0
-        self.bad = BadLossGuard(t.max_bad_steps)
 
         lpips, self.lpips_status = lpips_from_config(lc)
         acc.print(self.lpips_status)
         self.objective = VAELoss(lc, lpips.to(acc.device) if lpips is not None else None)
 
-        state = find_latest_state(self.out) if resume else None
-        if resume and state is None:
-            acc.print(f"--resume: no training state in {self.out}; starting from step 0")
+        state = self.resume_state()
         if state is not None:
-            weights, trainer, meta = load_training_state(state)
-            load_state_strict(vae, weights["vae"], f"{state} [vae]")
-            load_state_strict(disc, weights["disc"], f"{state} [disc]")
+            weights, trainer = state
+            load_state_strict(vae, weights["vae"], f"{self._state} [vae]")
+            load_state_strict(disc, weights["disc"], f"{self._state} [disc]")
             if self.ema is not None:
                 self.ema.load_state_dict(trainer["ema"])
-            self.step = meta["step"]
-            self.bad.total = meta.get("bad_steps", 0)
 
         model, disc, optimizer, disc_optimizer = acc.prepare(Autoencode(vae), disc, optimizer, disc_optimizer)
         scheduler = make_lr_scheduler(optimizer, t)
@@ -170,7 +145,7 @@ class VAETrainer(Trainer):
             optimizer.load_state_dict(trainer["optimizer"])
             disc_optimizer.load_state_dict(trainer["disc_optimizer"])
             scheduler.load_state_dict(trainer["scheduler"])
-            acc.print(f"resumed from {state} at step {self.step}")
+            self.resumed()
         self.model, self.disc, self.optimizer, self.disc_optimizer = model, disc, optimizer, disc_optimizer
         self.scheduler = scheduler
         self._heldout: torch.Tensor | None = None
@@ -181,14 +156,6 @@ class VAETrainer(Trainer):
         return self.accelerator.unwrap_model(self.model).vae
 
     # ------------------------------------------------------------------------------------------
-
-    def batches(self):
-        t, d, acc = self.cfg.train, self.cfg.data, self.accelerator
-        if d.source == "shapes":
-            return shapes_batches(d, t.batch_size, self.step, t.grad_accum, acc.process_index, acc.num_processes, t.seed)
-        raise NotImplementedError(
-            f"data.source={d.source!r} is not wired into the VAE trainer yet; use data.source=shapes"
-        )
 
     def losses(self, batch: dict, step: int, micro: int) -> tuple[torch.Tensor, torch.Tensor | None, dict]:
         """(autoencoder loss, discriminator loss or None before disc_start, logs) of one micro-batch;
@@ -212,73 +179,49 @@ class VAETrainer(Trainer):
         d_loss, d_logs = self.objective.discriminator(logits_real, logits_fake_d)
         return loss, d_loss, {**logs, **d_logs}
 
+    def train_step(self, step: int, data) -> tuple[dict[str, float], dict[str, str]]:
+        t, acc = self.cfg.train, self.accelerator
+        disc_on = self.objective.disc_active(step)
+
+        def micro_losses(batch, s, m):
+            loss, d_loss, parts = self.losses(batch, s, m)
+            return [loss, d_loss], parts
+
+        (loss, d_loss), logs = self.accumulate(step, data, [self.model, self.disc], micro_losses)
+        if self.bad.check(loss + d_loss, step):
+            # Clip each model right before its own step: with fp16, accelerate's gradient
+            # scaler unscales every optimizer at a clip and resets them at each step.
+            if t.max_grad_norm > 0:
+                acc.clip_grad_norm_(self.model.parameters(), t.max_grad_norm)
+            self.optimizer.step()
+            if disc_on:
+                if t.max_grad_norm > 0:
+                    acc.clip_grad_norm_(self.disc.parameters(), t.max_grad_norm)
+                self.disc_optimizer.step()
+            if self.ema is not None:
+                self.ema.update(self.vae)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.disc_optimizer.zero_grad(set_to_none=True)
+        postfix = {"loss": f"{loss.item():.4f}", "rec": f"{logs['rec']:.4f}"}
+        if disc_on:
+            postfix["d"] = f"{d_loss.item():.3f}"
+        return {"loss": loss.item(), **logs}, postfix
+
     def train(self, until: int | None = None) -> Path:
-        """Run to `train.steps`, evaluate and export the VAE file (returned). With `until`, stop after
-        that step with a saved state, as an interrupt would (a later run resumes from it)."""
-        cfg, acc = self.cfg, self.accelerator
-        t = cfg.train
-        if acc.is_main_process:
-            acc.init_trackers("vae", config={"config": json.dumps(to_dict(cfg))})
-        data = self.batches()
-        images_per_step = t.batch_size * t.grad_accum * acc.num_processes
-        speed = Throughput()
-        bar = tqdm(total=t.steps, initial=self.step, desc="vae", disable=not acc.is_main_process, dynamic_ncols=True)
+        """Run to `train.steps`, measure and export the VAE file (returned). The held-out images are
+        read first, so data without any fails before training. With `until`, stop after that
+        step with a saved state, as an interrupt would (a later run resumes from it)."""
+        self.heldout()
+        return super().train(until)
+
+    def train_mode(self) -> None:
         self.model.train()
         self.disc.train()
-        with Interrupt() as interrupt:
-            stop = t.steps if until is None else min(until, t.steps)
-            while self.step < stop and not interrupt.requested:
-                step = self.step
-                disc_on = self.objective.disc_active(step)
-                total = torch.zeros((), device=acc.device)
-                d_total = torch.zeros((), device=acc.device)
-                logs: dict[str, float] = {}
-                for micro in range(t.grad_accum):
-                    batch = next(data)
-                    with acc.accumulate(self.model, self.disc):
-                        loss, d_loss, parts = self.losses(batch, step, micro)
-                        acc.backward(loss)  # accelerate divides by grad_accum
-                        total += loss.detach() / t.grad_accum
-                        if d_loss is not None:
-                            acc.backward(d_loss)
-                            d_total += d_loss.detach() / t.grad_accum
-                    for k, v in parts.items():
-                        logs[k] = logs.get(k, 0.0) + v.item() / t.grad_accum
-                loss_value = acc.reduce(total, reduction="mean")
-                d_value = acc.reduce(d_total, reduction="mean")
-                if self.bad.check(loss_value + d_value, step):
-                    # Clip each model right before its own step: with fp16, accelerate's gradient
-                    # scaler unscales every optimizer at a clip and resets them at each step.
-                    if t.max_grad_norm > 0:
-                        acc.clip_grad_norm_(self.model.parameters(), t.max_grad_norm)
-                    self.optimizer.step()
-                    if disc_on:
-                        if t.max_grad_norm > 0:
-                            acc.clip_grad_norm_(self.disc.parameters(), t.max_grad_norm)
-                        self.disc_optimizer.step()
-                    if self.ema is not None:
-                        self.ema.update(self.vae)
-                self.optimizer.zero_grad(set_to_none=True)
-                self.disc_optimizer.zero_grad(set_to_none=True)
-                self.scheduler.step()
-                self.step += 1
-                rate = speed.update(images_per_step)
-                if acc.is_main_process:
-                    bar.update(1)
-                    post = {"loss": f"{loss_value.item():.4f}", "rec": f"{logs['rec']:.4f}", "img_s": f"{rate:.1f}"}
-                    if disc_on:
-                        post["d"] = f"{d_value.item():.3f}"
-                    bar.set_postfix(post, refresh=False)
-                self.after_step({"loss": loss_value.item(), **logs, "images_per_s": rate})
-        return self.finish(bar)
 
     # ------------------------------------------------------------------------------------------
 
-    def save_state(self) -> None:
+    def state_parts(self):
         acc = self.accelerator
-        acc.wait_for_everyone()
-        if not acc.is_main_process:
-            return
         weights = {"vae": self.vae.state_dict(), "disc": acc.unwrap_model(self.disc).state_dict()}
         trainer = {
             "optimizer": self.optimizer.state_dict(),
@@ -286,10 +229,7 @@ class VAETrainer(Trainer):
             "scheduler": self.scheduler.state_dict(),
             "ema": self.ema.state_dict() if self.ema is not None else {},
         }
-        meta = {"data_position": {"source": self.cfg.data.source, "step": self.step}, "bad_steps": self.bad.total}
-        save_training_state(
-            self.out, self.step, weights, trainer, meta, json.dumps(to_dict(self.cfg), indent=2), self.cfg.train.keep_states
-        )
+        return weights, trainer
 
     def inference_vae(self) -> AutoencoderKL:
         """A copy of the autoencoder with the EMA weights (the trained ones when EMA is off), in eval mode."""
