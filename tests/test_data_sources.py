@@ -2,7 +2,6 @@
 crops and their offsets, aspect-ratio buckets, the small-image rule, and bad input (each a clear
 error or a counted skip naming the file and the fix)."""
 
-import io
 import json
 import logging
 import subprocess

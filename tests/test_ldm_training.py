@@ -1,4 +1,5 @@
-import os
+import json
+import math
 import signal
 import subprocess
 import sys
@@ -136,13 +137,21 @@ def test_sigkill_at_any_moment_leaves_a_loadable_state(tmp_path, vae_file):
     assert steps_seen[1] > steps_seen[0]
 
 
-def test_training_from_shards_resumes_at_the_same_data_position(tmp_path, vae_file):
+@pytest.mark.parametrize("source", ["shards", "folder"])
+def test_training_from_files_resumes_at_the_same_data_position(tmp_path, vae_file, source):
     from ldm.data.sources import shapes_samples
     from ldm.data.writer import write_shards
 
-    write_shards(shapes_samples(24, resolution=16, seed=3), str(tmp_path / "shards" / "train"), max_count=8, progress=False)
-    data = [f"data.source=shards", f"data.urls={tmp_path / 'shards'}", "data.num_workers=0", "data.epoch_length=4",
-            "data.shuffle_buffer=8"]
+    samples = list(shapes_samples(24, resolution=16, seed=3))
+    if source == "shards":
+        write_shards(iter(samples), str(tmp_path / "data" / "train"), max_count=8, progress=False)
+    else:  # the same images as a folder with sidecar captions
+        (tmp_path / "data").mkdir()
+        for sample in samples:
+            (tmp_path / "data" / f"{sample['__key__']}.png").write_bytes(sample["png"])
+            (tmp_path / "data" / f"{sample['__key__']}.txt").write_bytes(sample["txt"])
+    data = [f"data.source={source}", f"data.urls={tmp_path / 'data'}", "data.num_workers=0", "data.epoch_length=4",
+            "data.shuffle_buffer=8", "data.heldout_fraction=0.2", "data.heldout_size=4"]
     LDMTrainer(config(tmp_path / "a", vae_file, *data)).train()
     LDMTrainer(config(tmp_path / "b", vae_file, *data)).train(until=3)
     _, _, meta = unet_state(tmp_path / "b")
@@ -151,6 +160,10 @@ def test_training_from_shards_resumes_at_the_same_data_position(tmp_path, vae_fi
     (wa, _, ma), (wb, _, mb) = unet_state(tmp_path / "a"), unet_state(tmp_path / "b")
     assert ma["data_position"]["loader"] == mb["data_position"]["loader"]  # 6 batches: epoch 1, batch 2
     assert all(torch.equal(wa["unet"][k], wb["unet"][k]) for k in wa["unet"])
+    # The held-out loss was measured before the first step and after the last, on held-out images.
+    metrics = json.loads((tmp_path / "a" / "metrics.json").read_text())
+    assert metrics["steps"] == 6 and 0 < metrics["heldout_size"] <= 4
+    assert math.isfinite(metrics["heldout_loss_start"]) and math.isfinite(metrics["heldout_loss"])
 
 
 def test_cached_latents_train_like_images(tmp_path, vae_file):
@@ -184,8 +197,6 @@ def test_cached_latents_train_like_images(tmp_path, vae_file):
 
 
 def test_two_process_training_keeps_ranks_identical(tmp_path, vae_file):
-    import json
-
     out = tmp_path / "dist"
     out.mkdir()
     r = subprocess.run(
@@ -227,3 +238,12 @@ def test_stages_of_different_precision_run_in_one_process(tmp_path, monkeypatch)
         second = loop.make_accelerator(TrainConfig(mixed_precision="bf16", log_with="none"), str(tmp_path / "b"))
     assert second.mixed_precision == "bf16"
     assert loop.make_accelerator(TrainConfig(log_with="none"), str(tmp_path / "c")).mixed_precision == "no"
+
+
+def test_fsdp_is_refused_before_training_not_a_hang_at_the_first_save(tmp_path, monkeypatch):
+    from ldm.config import TrainConfig
+    from ldm.train import loop
+
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # what `accelerate launch --use_fsdp` sets
+    with pytest.raises(ValueError, match="FSDP is not supported by the trainers.*train with DDP"):
+        loop.make_accelerator(TrainConfig(log_with="none"), str(tmp_path))

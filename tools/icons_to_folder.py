@@ -20,6 +20,10 @@ from pathlib import Path
 
 from PIL import Image
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from ldm.cli import run_main  # noqa: E402
+
 # Theme folder -> what an icon in it is (freedesktop icon naming specification contexts).
 CONTEXTS = {
     "actions": "action", "animations": "animation", "apps": "application", "categories": "category",
@@ -72,8 +76,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except ValueError as e:  # bad input: one line, not a traceback
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    sys.exit(run_main(main))

@@ -20,6 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from ldm.cli import run_main  # noqa: E402
 from ldm.data.sources import folder_samples, list_images, read_table, shapes_samples, table_samples  # noqa: E402
 from ldm.data.writer import write_shards  # noqa: E402
 
@@ -70,8 +71,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except ValueError as e:  # bad input: one line, not a traceback
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    sys.exit(run_main(main))

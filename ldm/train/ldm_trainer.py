@@ -13,7 +13,6 @@ import math
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 from ..checkpoint import load_state_strict, load_vae_file, read_model_file
 from ..config import Config

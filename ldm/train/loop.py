@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import signal
 import time
 import warnings
@@ -66,6 +67,12 @@ def make_accelerator(cfg: TrainConfig, project_dir: str):
             "run slower than float32 here; set train.mixed_precision=no",
             stacklevel=2,
         )
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
+        # States, EMA and the export read whole state dicts on rank 0, which FSDP shards over all
+        # ranks: refused here rather than hanging at the first save or writing a shard.
+        raise ValueError("FSDP is not supported by the trainers: training states, the EMA and the export need "
+                         "every parameter on rank 0; train with DDP (`accelerate launch --multi_gpu`, or "
+                         "`accelerate config` without FSDP)")
     return Accelerator(
         cpu=not torch.cuda.is_available(),  # lets `torchrun` start gloo multi-process runs on CPU-only machines
         mixed_precision=cfg.mixed_precision,

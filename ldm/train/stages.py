@@ -2,8 +2,8 @@
 the data stage 2 reads, then stage 2 trains the latent diffusion model on it.
 
 Which data stage 1 reads: the VAE config (`train.vae_config`) with the stage-2 run's `data`
-carried over, except the `data` keys the VAE config file sets itself; `data.*` overrides given on
-the command line apply to both stages. So `train_ldm.py configs/sd_tiny.yaml data.source=folder
+carried over, except the `data` keys the VAE config file sets itself (and `caption_dropout`, which
+is stage 2's alone); `data.*` overrides given on the command line apply to both stages. So `train_ldm.py configs/sd_tiny.yaml data.source=folder
 data.urls=photos/` trains the autoencoder on the photos too (not on the built-in shapes), while a
 VAE config may still keep its own resolution or its own data.
 """
@@ -30,7 +30,7 @@ def stage1_config(cfg: Config, overrides: Sequence[str] = ()) -> Config:
         raise ValueError(f"VAE checkpoint {cfg.train.vae_checkpoint} not found and train.vae_config is empty: "
                          "train a VAE first (tools/train_vae.py), or name its config in train.vae_config")
     raw = load_yaml(cfg.train.vae_config)
-    own = set(raw.get("data") or {})
+    own = set(raw.get("data") or {}) | {"caption_dropout"}
     carried = {k: v for k, v in to_dict(cfg.data).items() if k not in own}
     return load_config(merge(raw, {"data": carried}), data_overrides(overrides))
 
