@@ -191,9 +191,12 @@ def test_cached_latents_train_like_images(tmp_path, vae_file):
         means = vae.encode(imgs["image"]).mean
     torch.testing.assert_close(batch["latent"].float(), means, atol=1e-5, rtol=0)
     trainer = LDMTrainer(config(tmp_path / "run", vae_file, "data.source=latents", f"data.urls={tmp_path / 'lat'}",
-                                "data.num_workers=0", "train.steps=2"))
+                                "data.num_workers=0", "train.steps=2", "data.heldout_fraction=0.5"))
     trainer.train()
     assert trainer.step == 2
+    # The held-out loss read the held-out latents (half of the six, by key), never trained on.
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert 0 < metrics["heldout_size"] < 6 and math.isfinite(metrics["heldout_loss"])
 
 
 def test_two_process_training_keeps_ranks_identical(tmp_path, vae_file):

@@ -159,7 +159,7 @@ def test_broken_samples_are_skipped_and_counted_across_workers(tmp_path):
             w.write({"__key__": f"ok{i}", "jpg": good, "txt": f"fine {i}".encode()})
         w.write({"__key__": "garbage", "png": b"not a png at all", "txt": b"junk"})
 
-    with pytest.warns(UserWarning, match="skipped 5 broken samples or unreadable shards in epoch 0"):
+    with pytest.warns(UserWarning, match="skipped 5 samples \(broken, unreadable or too small\) in epoch 0"):
         loader, batches = read_all(tmp_path, num_workers=2, batch_size=2)
     assert sorted(keys_of(batches)) == [f"ok{i}" for i in range(9)]
     assert loader.skipped.as_dict() == {"missing_image": 1, "missing_caption": 1, "empty_image": 1,

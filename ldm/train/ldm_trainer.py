@@ -196,8 +196,10 @@ class LDMTrainer(Trainer):
         metrics.update(values, heldout_size=len(self.heldout()))
         self.out.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(metrics, indent=2) + "\n")
+        when = {"heldout_loss_start": "before the first step", "heldout_loss": f"at step {self.step}"}
         for name, value in values.items():
-            acc.print(f"{name.replace('_', ' ')} {value:.4f} on {len(self.heldout())} held-out images")
+            if name in when:
+                acc.print(f"held-out denoising loss {when[name]}: {value:.4f} ({len(self.heldout())} images)")
 
     def inference_pipeline(self) -> LDMPipeline:
         """A pipeline on the EMA weights (the trained ones when EMA is off), on this device."""

@@ -219,6 +219,7 @@ class Trainer(ABC):
         self._state = find_latest_state(self.out) if resume else None
         if resume and self._state is None:
             self.accelerator.print(f"--resume: no training state in {self.out}; starting from step 0")
+        self.accelerator.print(f"{self.NAME}: reads {describe(cfg.data)}")  # the first thing to check in a log
 
     def resume_state(self) -> tuple[dict, dict] | None:
         """(weights, trainer objects) of the state to resume from, or None for a fresh run; sets
@@ -277,7 +278,6 @@ class Trainer(ABC):
         if acc.is_main_process:
             acc.init_trackers(self.NAME, config={"config": json.dumps(to_dict(cfg))})
         if self.data is None:
-            acc.print(f"{self.NAME}: reads {describe(cfg.data)}")
             self.data = self.batches()
         images_per_step = t.batch_size * t.grad_accum * acc.num_processes
         speed = Throughput()
