@@ -13,13 +13,13 @@ import pytest
 import torch
 from PIL import Image
 
+from helpers import ROOT
 from ldm.config import ConfigError, DataConfig, load_config
 from ldm.data.batches import HashSplit, check_data, folder_images, heldout_items, training_batches
 from ldm.data.reader import make_image_text_loader
 from ldm.data.sources import folder_items
 from ldm.data.transforms import make_buckets, nearest_bucket
 
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def write_image(path: Path, size=(24, 20), seed: int = 0, fmt: str = "PNG", **save) -> None:

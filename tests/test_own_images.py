@@ -13,7 +13,6 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-ROOT = Path(__file__).resolve().parents[1]
 TANGO = Path("/usr/share/icons/Tango")
 # A narrower U-Net and text encoder than sd_tiny's, as in test_training_quality.py.
 NARROW = [

@@ -1,5 +1,4 @@
 import csv
-import importlib.util
 import io
 import json
 import subprocess
@@ -159,7 +158,7 @@ def test_broken_samples_are_skipped_and_counted_across_workers(tmp_path):
             w.write({"__key__": f"ok{i}", "jpg": good, "txt": f"fine {i}".encode()})
         w.write({"__key__": "garbage", "png": b"not a png at all", "txt": b"junk"})
 
-    with pytest.warns(UserWarning, match="skipped 5 samples \(broken, unreadable or too small\) in epoch 0"):
+    with pytest.warns(UserWarning, match=r"skipped 5 samples \(broken, unreadable or too small\) in epoch 0"):
         loader, batches = read_all(tmp_path, num_workers=2, batch_size=2)
     assert sorted(keys_of(batches)) == [f"ok{i}" for i in range(9)]
     assert loader.skipped.as_dict() == {"missing_image": 1, "missing_caption": 1, "empty_image": 1,
@@ -308,9 +307,8 @@ def test_make_shards_tool(tmp_path):
     index = json.loads((tmp_path / "shapes" / "train-index.json").read_text())
     assert [s["samples"] for s in index["shards"]] == [2, 2, 1]
 
-    spec = importlib.util.spec_from_file_location("make_shards", ROOT / "tools" / "make_shards.py")
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
+    from ldm.cli import make_shards as tool
+
     with pytest.raises(ValueError, match="missing.csv does not exist"):
         tool.main(["--table", str(tmp_path / "missing.csv"), "--out", str(tmp_path / "x")])
     (tmp_path / "c.csv").write_text("image,caption\nnope.png,a caption\n")

@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 
+from helpers import ROOT
 from ldm.config import load_config
 from ldm.train.stages import stage1_config, train_stages
 
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def write(path: Path, text: str) -> Path:

@@ -13,7 +13,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable, Sequence
 
-from ..config import Config, load_config, load_yaml, merge, to_dict
+from ..config import Config, load_config
+from ..config_io import load_yaml, merge, to_dict
 from ..data.batches import check_data
 
 

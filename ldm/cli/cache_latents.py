@@ -1,0 +1,52 @@
+"""Encode image shards once into latent shards, so stage-2 training skips the VAE encoder.
+
+    python tools/cache_latents.py --vae runs/vae_small/vae.safetensors --shards data/train --out data/latents/train
+    python tools/train_ldm.py configs/sd_small.yaml data.source=latents data.urls=data/latents
+
+With --text-from MODEL.safetensors the (frozen) text encoder of that model also embeds every
+caption; the trainer then uses the cached embeddings when the model's text encoder is frozen.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from functools import partial
+
+from ..devices import pick_device
+from .common import run_main
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--vae", required=True, help="VAE file (stage-1 export) or a whole model file")
+    parser.add_argument("--shards", required=True, help="image shards: folder, file, brace pattern or pipe: URL")
+    parser.add_argument("--out", required=True, help="output prefix, e.g. data/latents/train")
+    parser.add_argument("--resolution", type=int, required=True, help="training resolution (images are resized/cropped)")
+    parser.add_argument("--text-from", default=None, help="model file whose text encoder embeds the captions too")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--num-workers", type=int, default=2)
+    parser.add_argument("--max-count", type=int, default=10_000, help="samples per shard")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--overwrite", action="store_true")
+    args = parser.parse_args(argv)
+
+    from ..checkpoint import load_vae_file
+    from ..data.latents import cache_latents
+    from ..pipeline import LDMPipeline
+
+    device = pick_device(args.device)
+    text_encoder = LDMPipeline.from_checkpoint(args.text_from).text_encoder if args.text_from else None
+    summary = cache_latents(
+        args.shards, args.out, load_vae_file(args.vae), resolution=args.resolution, batch_size=args.batch_size,
+        num_workers=args.num_workers, text_encoder=text_encoder, device=device, max_count=args.max_count,
+        overwrite=args.overwrite,
+    )
+    print(summary)
+    return 0
+
+
+run = partial(run_main, main)  # the ldm-cache-latents entry point
+
+if __name__ == "__main__":
+    sys.exit(run())
