@@ -55,30 +55,33 @@ def save_model_file(path: str | Path, parts: Mapping[str, nn.Module], config: Co
     return atomic_save_safetensors(tensors, path, metadata)
 
 
-def read_model_file(path: str | Path) -> tuple[dict[str, dict[str, torch.Tensor]], Config | None]:
-    """Read a model file into per-part state dicts (prefixes stripped) and its config (None when the
-    file carries none, as original Stable Diffusion files do)."""
-    path = Path(path)
-    if not path.exists():
-        raise CheckpointError(f"checkpoint not found: {path}")
-    if path.is_dir():
-        raise CheckpointError(f"{path} is a directory; pass the .safetensors model file inside it")
+def read_model_config(path: str | Path) -> Config | None:
+    """The config in a model file's metadata (None when it carries none, as original Stable
+    Diffusion files do), read from the header alone: no tensor is loaded."""
+    path = _existing_file(path)
     try:
         with safe_open(str(path), framework="pt") as f:
             metadata = f.metadata() or {}
+    except (SafetensorError, OSError, ValueError) as e:
+        raise _unreadable(path, e) from None
+    if CONFIG_KEY not in metadata:
+        return None
+    try:
+        config = from_dict(Config, json.loads(metadata[CONFIG_KEY]))
+        config.validate()
+    except (ConfigError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path}: the config stored in its metadata is invalid: {e}") from None
+    return config
+
+
+def read_model_file(path: str | Path) -> tuple[dict[str, dict[str, torch.Tensor]], Config | None]:
+    """Read a model file into per-part state dicts (prefixes stripped) and its config (None when the
+    file carries none, as original Stable Diffusion files do)."""
+    config = read_model_config(path)
+    try:
         tensors = load_file(str(path))
     except (SafetensorError, OSError, ValueError) as e:
-        raise CheckpointError(
-            f"{path} is not a readable .safetensors file ({e}); it may be truncated or corrupt: "
-            "re-export or re-download it"
-        ) from None
-    config = None
-    if CONFIG_KEY in metadata:
-        try:
-            config = from_dict(Config, json.loads(metadata[CONFIG_KEY]))
-            config.validate()
-        except (ConfigError, json.JSONDecodeError) as e:
-            raise CheckpointError(f"{path}: the config stored in its metadata is invalid: {e}") from None
+        raise _unreadable(Path(path), e) from None
     parts: dict[str, dict[str, torch.Tensor]] = {name: {} for name in PREFIXES}
     stray = []
     for key, value in tensors.items():
@@ -104,3 +107,19 @@ def load_vae_file(path: str | Path) -> AutoencoderKL:
     vae = AutoencoderKL(config.model.vae)
     load_state_strict(vae, parts["vae"], f"{path} [vae]")
     return vae
+
+
+def _existing_file(path: str | Path) -> Path:
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    if path.is_dir():
+        raise CheckpointError(f"{path} is a directory; pass the .safetensors model file inside it")
+    return path
+
+
+def _unreadable(path: Path, error: Exception) -> CheckpointError:
+    return CheckpointError(
+        f"{path} is not a readable .safetensors file ({error}); it may be truncated or corrupt: "
+        "re-export or re-download it"
+    )
