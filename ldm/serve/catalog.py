@@ -1,0 +1,134 @@
+"""The models a server offers: listed by title, loaded one at a time, switched on request.
+
+Clients name a model the way A1111 lists it (`GET /sdapi/v1/sd-models`): by title (the file
+name), by title with its short hash (`model.safetensors [0123456789]`), by model name (the file
+name without extension) or by path. Only the worker thread loads; the HTTP side only looks up.
+"""
+
+from __future__ import annotations
+
+import gc
+import hashlib
+import re
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from ..checkpoint import read_model_config
+from ..config import Config
+from ..pipeline import LDMPipeline
+
+MODEL_SUFFIXES = (".safetensors",)
+
+
+@dataclass
+class ModelEntry:
+    """One model the server can load."""
+
+    title: str  # how clients name it: the file name (A1111's title, less the hash)
+    filename: str  # the model file, or the config of a random-weight model
+    load: Callable[[], LDMPipeline]
+    cfg: Config  # architecture and sampling defaults, known without loading the weights
+    config: str | None = None  # the config file a random-weight model is built from
+    sha256: str | None = None  # of the file, known once it has been loaded
+
+    @property
+    def model_name(self) -> str:
+        return Path(self.title).stem
+
+    @property
+    def shorthash(self) -> str | None:
+        return self.sha256[:10] if self.sha256 else None
+
+    def item(self) -> dict:
+        """The entry as A1111's `/sdapi/v1/sd-models` lists it."""
+        title = f"{self.title} [{self.shorthash}]" if self.shorthash else self.title
+        return {"title": title, "model_name": self.model_name, "hash": self.shorthash, "sha256": self.sha256,
+                "filename": self.filename, "config": self.config}
+
+
+def file_entry(path: str | Path, load: Callable[[Path], LDMPipeline], root: Path | None = None) -> ModelEntry:
+    """An entry for a model file written by `LDMPipeline.save` or training; titled by its path
+    under `root` (or its name). Its config is read from the file's header."""
+    path = Path(path)
+    cfg = read_model_config(path)
+    if cfg is None:
+        raise ValueError(f"{path} carries no config (an original Stable Diffusion file?); convert it first: "
+                         f"python tools/convert.py {path} {path.with_name(path.stem + '-ldm.safetensors')}")
+    title = str(path.relative_to(root)) if root is not None else path.name
+    return ModelEntry(title=title, filename=str(path), load=lambda: load(path), cfg=cfg)
+
+
+def folder_entries(folder: str | Path, load: Callable[[Path], LDMPipeline]) -> list[ModelEntry]:
+    """Entries for every model file under `folder` (recursively), sorted by title."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ValueError(f"--models-dir {folder} is not a folder")
+    files = sorted(p for p in folder.rglob("*") if p.suffix in MODEL_SUFFIXES and p.is_file())
+    return [file_entry(p, load, root=folder) for p in files]
+
+
+def sha256_of(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+class ModelCatalog:
+    """Titles -> entries; one pipeline loaded at a time; `current` serves requests that name none.
+
+    `prepare(pipe)` runs on every freshly loaded pipeline (the server fixes its U-Net batch shape).
+    """
+
+    def __init__(self, entries: list[ModelEntry], prepare: Callable[[LDMPipeline], LDMPipeline] | None = None):
+        if not entries:
+            raise ValueError("no models to serve; pass --ckpt MODEL.safetensors, --models-dir DIR or --config")
+        titles = [e.title for e in entries]
+        dupes = sorted({t for t in titles if titles.count(t) > 1})
+        if dupes:
+            raise ValueError(f"two models share the title {dupes[0]!r}; serve files with different names")
+        self.entries = {e.title: e for e in entries}
+        self.current = entries[0].title
+        self.prepare = prepare or (lambda pipe: pipe)
+        self._loaded: tuple[str, LDMPipeline] | None = None
+        self._lock = threading.Lock()
+
+    @classmethod
+    def of_pipeline(cls, pipe: LDMPipeline, title: str = "model") -> ModelCatalog:
+        """A catalog of one already built pipeline (tests, embedding the server in a program)."""
+        cfg = Config(model=pipe.model_config, sample=pipe.defaults)
+        return cls([ModelEntry(title=title, filename=title, load=lambda: pipe, cfg=cfg)])
+
+    def find(self, name: str) -> ModelEntry:
+        """The entry a client's name refers to; ValueError listing the titles when none does."""
+        bare = re.sub(r"\s*\[[0-9a-fA-F]{8,64}\]$", "", name.strip())
+        for entry in self.entries.values():
+            if bare in (entry.title, entry.model_name, entry.filename) or Path(bare).name == entry.title:
+                return entry
+        raise ValueError(f"unknown model {name!r}; this server has: {', '.join(self.entries)}")
+
+    @property
+    def loaded(self) -> str | None:
+        """Title of the model in memory, if any."""
+        return self._loaded[0] if self._loaded else None
+
+    def pipeline(self, title: str) -> LDMPipeline:
+        """The pipeline of `title`, loading it (and freeing the one loaded before) if needed."""
+        with self._lock:
+            if self._loaded and self._loaded[0] == title:
+                return self._loaded[1]
+            entry = self.entries[title]
+            self._loaded = None
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            pipe = self.prepare(entry.load())
+            if entry.sha256 is None and entry.config is None and Path(entry.filename).is_file():
+                entry.sha256 = sha256_of(entry.filename)
+            self._loaded = (title, pipe)
+            return pipe
