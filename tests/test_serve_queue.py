@@ -6,6 +6,8 @@ against solo runs (the shape itself is tested with the other speed switches in t
 and the memory-derived batch limit (ldm.serve.capacity)."""
 
 import dataclasses
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -39,6 +41,29 @@ def test_compatible_jobs_share_a_batch_in_arrival_order_up_to_the_limit():
     assert q.next_batch(0).slices[0].job is b  # the head of the line runs next, whatever the rest
     q.finish(q.running, 1.0)
     assert [(s.job, s.start, s.stop) for s in q.next_batch(0).slices] == [(d, 1, 3)]
+
+
+def test_a_batch_that_is_not_full_waits_for_company_from_its_heads_arrival():
+    q = BatchQueue(max_batch=3, max_waiting=10, batch_wait=0.5)
+    first = job(1)
+    q.submit(first)
+    taken = []
+    worker = threading.Thread(target=lambda: taken.append(q.next_batch(5)))
+    worker.start()
+    time.sleep(0.1)
+    second, third = job(1), job(1)
+    q.submit(second)
+    q.submit(third)  # the batch is full: it starts before the 0.5 s are up
+    worker.join(5)
+    assert [s.job for s in taken[0].slices] == [first, second, third]
+    assert time.monotonic() - first.created < 0.45
+    q.finish(taken[0], 1.0)
+    lone = job(1)
+    q.submit(lone)
+    start = time.monotonic()
+    assert [s.job for s in q.next_batch(5).slices] == [lone]  # alone: starts when its wait is over
+    assert 0.4 < time.monotonic() - start < 2.0
+    assert BatchQueue(max_batch=3, max_waiting=10).batch_wait == 0  # no wait unless asked
 
 
 def test_a_full_line_refuses_with_a_retry_time_and_keeps_what_waits():

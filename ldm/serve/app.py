@@ -47,6 +47,7 @@ class ServeSettings:
 
     max_batch: int = 8  # pictures per batch; 1 turns batching off
     max_queue: int = 64  # pictures that may wait before requests get 429
+    batch_wait: float = 0.1  # seconds a batch that is not full waits for company (from its first request)
     limits: Limits = field(default_factory=Limits)
     api_key: str | None = None  # required on every request when set
     max_body_mb: int = 64
@@ -60,7 +61,7 @@ class Server:
     def __init__(self, catalog: ModelCatalog, settings: ServeSettings | None = None):
         self.catalog = catalog
         self.settings = settings or ServeSettings()
-        self.queue = BatchQueue(self.settings.max_batch, self.settings.max_queue)
+        self.queue = BatchQueue(self.settings.max_batch, self.settings.max_queue, self.settings.batch_wait)
         self.images_per_call = 1
         catalog.prepare = self._prepare
         self.worker = Worker(self.queue, catalog, preview_every=self.settings.preview_every)
@@ -176,7 +177,10 @@ def create_app(server: Server) -> FastAPI:
         image = None
         if job.preview is not None and not skip_current_image:
             image = await run_in_threadpool(_png_base64, job.preview)
-        text = f"waiting: {position - 1} ahead" if position else f"step {job.step}/{job.key.sampling_steps}"
+        if position:
+            text = f"in line: {position - 1} request{'s' * (position != 2)} ahead" if position > 1 else "next in line"
+        else:
+            text = f"step {job.step}/{job.key.sampling_steps}"
         return {"progress": done, "eta_relative": max(0.0, eta), "state": state, "current_image": image,
                 "textinfo": text}
 

@@ -4,9 +4,12 @@ A request becomes a `Job` of one or more pictures (`ImageTask`s, each with its o
 and a `BatchKey`: everything that must be equal for pictures to go through the same sampler
 loop (model, mode, size, steps, sampler, guidance, strength). The worker asks for the next batch:
 the job at the head of the line gives as many of its pictures as fit, then every later job with
-the same key fills the rest, in arrival order, up to `max_batch` pictures. So the head never
-waits for anyone, a compatible request can ride along with an earlier one, and a big request is
-split over several batches. Nothing here touches a model; the worker runs what it is given.
+the same key fills the rest, in arrival order, up to `max_batch` pictures. A compatible request
+rides along with an earlier one, and a big request is split over several batches. A batch that
+is not full waits until its head has been in line `batch_wait` seconds for more to arrive: with
+a fixed U-Net batch shape a partial batch costs as much as a full one, and clients answered
+together send their next requests together, a few milliseconds apart. Nothing here touches a
+model; the worker runs what it is given.
 
 Thread safety: the HTTP side (one event loop) submits, cancels and reads positions; the worker
 thread takes batches and reports results. One lock guards the line.
@@ -167,14 +170,17 @@ class BatchQueue:
     """One line of jobs; `next_batch` hands the worker the head job plus compatible ones.
 
     `max_batch`: pictures per batch; `max_waiting`: pictures that may wait (not yet handed to a
-    batch) before `submit` raises QueueFull.
+    batch) before `submit` raises QueueFull; `batch_wait`: seconds a batch that is not full may
+    wait, counted from its head's arrival.
     """
 
-    def __init__(self, max_batch: int, max_waiting: int):
-        if max_batch < 1 or max_waiting < 1:
-            raise ValueError(f"max_batch and max_waiting must be >= 1 (got {max_batch} and {max_waiting})")
+    def __init__(self, max_batch: int, max_waiting: int, batch_wait: float = 0.0):
+        if max_batch < 1 or max_waiting < 1 or batch_wait < 0:
+            raise ValueError(f"need max_batch >= 1, max_waiting >= 1 and batch_wait >= 0 "
+                             f"(got {max_batch}, {max_waiting} and {batch_wait})")
         self.max_batch = max_batch
         self.max_waiting = max_waiting
+        self.batch_wait = batch_wait
         self._line: list[Job] = []  # jobs with tasks not yet handed out, in arrival order
         self._jobs: dict[str, Job] = {}  # every job still owed a response, by id
         self._cond = threading.Condition()
@@ -194,6 +200,7 @@ class BatchQueue:
             waiting = self._waiting()
             if waiting and waiting + len(job.tasks) > self.max_waiting:
                 raise QueueFull(waiting, self.max_waiting, self._retry_after(waiting + len(job.tasks) - self.max_waiting))
+            job.created = time.monotonic()
             self._line.append(job)
             self._jobs[job.id] = job
             self._cond.notify_all()
@@ -268,6 +275,14 @@ class BatchQueue:
         with self._cond:
             if not self._cond.wait_for(lambda: self._line or self._closed, timeout) or self._closed:
                 return None
+            while self._line and not self._closed:  # a batch that is not full waits a little for company
+                head = self._line[0]
+                wait = head.created + self.batch_wait - time.monotonic()
+                if wait <= 0 or self._compatible(head.key) >= self.max_batch:
+                    break
+                self._cond.wait(wait)
+            if not self._line or self._closed:
+                return None
             key = self._line[0].key
             room = self.max_batch if key.mode != "load" else 1
             slices = []
@@ -306,6 +321,9 @@ class BatchQueue:
 
     def _waiting(self) -> int:
         return sum(j.remaining for j in self._line)
+
+    def _compatible(self, key: BatchKey) -> int:
+        return sum(j.remaining for j in self._line if j.key == key) if key.mode != "load" else self.max_batch
 
     def _drop_waiting(self, job: Job) -> None:
         if job in self._line:

@@ -72,8 +72,9 @@ function reuse(settings) {
 }
 
 function summary(s) {
+  const seed = s.seed === -1 ? "random seed" : `seed ${s.seed}`;
   return `${s.prompt}` + (s.negative_prompt ? ` | not: ${s.negative_prompt}` : "") +
-    ` | seed ${s.seed}, ${s.steps} steps, cfg ${s.cfg_scale}, ${s.sampler_name}, ${s.width}x${s.height}`;
+    ` | ${seed}, ${s.steps} steps, cfg ${s.cfg_scale}, ${s.sampler_name}, ${s.width}x${s.height}`;
 }
 
 function newCard() {
