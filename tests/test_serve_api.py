@@ -219,3 +219,18 @@ def test_bad_requests_leave_queued_requests_alone():
     assert all(results[f"g{i}"].status_code == 200 for i in range(3))
     assert np.array_equal(np.asarray(decode_png(results["g1"].json()["images"][0])),
                           np.asarray(decode_png(solo["images"][0])))
+
+
+def test_resize_modes_follow_a1111():
+    from ldm.serve.a1111 import _resize
+
+    wide = Image.new("RGB", (40, 20), "white")
+    wide.paste((255, 0, 0), (0, 0, 40, 4))  # red top rows
+    wide.paste((0, 0, 255), (0, 16, 40, 20))  # blue bottom rows
+    assert _resize(wide, 20, 20, 0).size == (20, 20)  # stretched
+    crop = np.asarray(_resize(wide, 20, 20, 1)).astype(int)
+    assert (crop[0] == [255, 0, 0]).all() and (crop[10] >= 250).all()  # covered, then cropped at the sides
+    fill = np.asarray(_resize(wide, 20, 20, 2)).astype(int)  # fitted into rows 5..14, the rest from the edges
+    assert (fill[:5] == fill[5]).all() and (fill[15:] == fill[14]).all()
+    assert (np.abs(fill[:5] - [255, 0, 0]) <= 3).all() and (np.abs(fill[15:] - [0, 0, 255]) <= 3).all()
+    assert (fill[10] >= 250).all()

@@ -46,7 +46,7 @@ class BadRequest(Exception):
 class Limits:
     """What one request may ask for."""
 
-    max_size: int | None = None  # pixels per side; None: the largest at which a full batch fits in memory
+    max_size: int | None = None  # pixels per side; None: set by the server from memory when it loads the model
     max_steps: int = 150
     max_images: int = 16  # batch_size * n_iter
     max_input_pixels: int = 8192 * 8192  # an init image or mask, before resizing (a 64 MP photo)
@@ -118,12 +118,16 @@ def _sampler(req: GenerationRequest, default: str) -> tuple[str, str | None]:
 
 def _check_size(size: tuple[int, int], f: int, limits: Limits) -> tuple[int, int]:
     for name, v in zip(("width", "height"), size):
-        if v > limits.max_size:
-            raise BadRequest(name, f"{name} must be at most {limits.max_size} (got {v})")
+        if v > _max_size(limits):
+            raise BadRequest(name, f"{name} must be at most {_max_size(limits)} (got {v})")
         if v < f or v % f:
             lo, hi = max(f, v - v % f), v - v % f + f
             raise BadRequest(name, f"{name} must be a multiple of {f} (got {v}); try {lo} or {hi}")
     return size
+
+
+def _max_size(limits: Limits) -> int:
+    return limits.max_size or 2048  # None only until the server has loaded its model
 
 
 def _img2img_inputs(req: Img2ImgRequest, f: int, limits: Limits):
@@ -148,7 +152,7 @@ def _img2img_inputs(req: Img2ImgRequest, f: int, limits: Limits):
     if req.width is not None and req.height is not None:
         return inits, mask, (req.width, req.height)
     w, h = inits[0].size
-    scale = min(1.0, limits.max_size / max(w, h))  # large photos: the largest size that fits the limit
+    scale = min(1.0, _max_size(limits) / max(w, h))  # large photos: the largest size that fits the limit
     fit = lambda v: max(f, int(v * scale) // f * f)  # noqa: E731
     return inits, mask, (req.width or fit(w), req.height or fit(h))
 
