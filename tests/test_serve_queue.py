@@ -63,7 +63,17 @@ def test_a_batch_that_is_not_full_waits_for_company_from_its_heads_arrival():
     start = time.monotonic()
     assert [s.job for s in q.next_batch(5).slices] == [lone]  # alone: starts when its wait is over
     assert 0.4 < time.monotonic() - start < 2.0
-    assert BatchQueue(max_batch=3, max_waiting=10).batch_wait == 0  # no wait unless asked
+
+
+def test_by_default_a_batch_waits_a_tenth_of_the_recent_batches_time():
+    q = BatchQueue(max_batch=3, max_waiting=10)
+    q.submit(job(1))
+    start = time.monotonic()
+    q.finish(q.next_batch(5), 3.0)  # no batch ran before: no wait at all
+    assert time.monotonic() - start < 0.2
+    q.submit(job(1))
+    q.next_batch(5)
+    assert 0.25 < time.monotonic() - start < 2.0  # a tenth of 3 s
 
 
 def test_a_full_line_refuses_with_a_retry_time_and_keeps_what_waits():

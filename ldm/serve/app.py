@@ -47,7 +47,7 @@ class ServeSettings:
 
     max_batch: int = 8  # pictures per batch; 1 turns batching off
     max_queue: int = 64  # pictures that may wait before requests get 429
-    batch_wait: float = 0.1  # seconds a batch that is not full waits for company (from its first request)
+    batch_wait: float | None = None  # seconds a batch that is not full waits for company; None: a tenth of a batch
     limits: Limits = field(default_factory=Limits)
     api_key: str | None = None  # required on every request when set
     max_body_mb: int = 64

@@ -47,8 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="pictures that share one sampler loop (default 8; 1 turns batching off)")
     queue.add_argument("--max-queue", type=int, default=64,
                        help="pictures that may wait; more requests get 429 with Retry-After (default 64)")
-    queue.add_argument("--batch-wait", type=float, default=0.1,
-                       help="seconds a batch that is not full waits for more requests (default 0.1)")
+    queue.add_argument("--batch-wait", type=float, default=None,
+                       help="seconds a batch that is not full waits for more requests, from its first one's "
+                            "arrival (default: a tenth of the recent batches' duration; 0: never)")
     queue.add_argument("--preview-every", type=float, default=1.0,
                        help="seconds between live previews of one request (default 1)")
     limits = parser.add_argument_group("limits per request")
@@ -105,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("max_batch", "max_queue", "max_size", "max_steps", "max_images", "max_body_mb"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise SystemExit(f"error: --{name.replace('_', '-')} must be >= 1")
-    if args.batch_wait < 0 or args.preview_every < 0:
+    if (args.batch_wait is not None and args.batch_wait < 0) or args.preview_every < 0:
         raise SystemExit("error: --batch-wait and --preview-every must be >= 0")
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -6,10 +6,11 @@ loop (model, mode, size, steps, sampler, guidance, strength). The worker asks fo
 the job at the head of the line gives as many of its pictures as fit, then every later job with
 the same key fills the rest, in arrival order, up to `max_batch` pictures. A compatible request
 rides along with an earlier one, and a big request is split over several batches. A batch that
-is not full waits until its head has been in line `batch_wait` seconds for more to arrive: with
-a fixed U-Net batch shape a partial batch costs as much as a full one, and clients answered
-together send their next requests together, a few milliseconds apart. Nothing here touches a
-model; the worker runs what it is given.
+is not full waits until its head has been in line `batch_wait` seconds (by default a tenth of
+the recent batches' duration) for more to arrive: with a fixed U-Net batch shape a partial batch
+costs as much as a full one, and clients answered together send their next requests together,
+milliseconds to a fraction of a second apart. Nothing here touches a model; the worker runs what
+it is given.
 
 Thread safety: the HTTP side (one event loop) submits, cancels and reads positions; the worker
 thread takes batches and reports results. One lock guards the line.
@@ -28,6 +29,7 @@ from typing import Any
 from PIL import Image
 
 MODES = ("txt2img", "img2img", "inpaint", "load")
+AUTO_WAIT = 0.1  # without a batch_wait, a batch that is not full waits this fraction of a recent batch's time
 
 
 @dataclass(frozen=True)
@@ -171,11 +173,11 @@ class BatchQueue:
 
     `max_batch`: pictures per batch; `max_waiting`: pictures that may wait (not yet handed to a
     batch) before `submit` raises QueueFull; `batch_wait`: seconds a batch that is not full may
-    wait, counted from its head's arrival.
+    wait, counted from its head's arrival (None: AUTO_WAIT times the recent batches' duration).
     """
 
-    def __init__(self, max_batch: int, max_waiting: int, batch_wait: float = 0.0):
-        if max_batch < 1 or max_waiting < 1 or batch_wait < 0:
+    def __init__(self, max_batch: int, max_waiting: int, batch_wait: float | None = None):
+        if max_batch < 1 or max_waiting < 1 or (batch_wait is not None and batch_wait < 0):
             raise ValueError(f"need max_batch >= 1, max_waiting >= 1 and batch_wait >= 0 "
                              f"(got {max_batch}, {max_waiting} and {batch_wait})")
         self.max_batch = max_batch
@@ -186,6 +188,7 @@ class BatchQueue:
         self._cond = threading.Condition()
         self.running: Batch | None = None
         self._rate = 0.0  # pictures per second, averaged over recent batches
+        self._batch_seconds = 0.0  # duration of a batch, averaged likewise
         self._closed = False
 
     # -- the HTTP side -------------------------------------------------------------------------
@@ -277,7 +280,7 @@ class BatchQueue:
                 return None
             while self._line and not self._closed:  # a batch that is not full waits a little for company
                 head = self._line[0]
-                wait = head.created + self.batch_wait - time.monotonic()
+                wait = head.created + self._wait_budget() - time.monotonic()
                 if wait <= 0 or self._compatible(head.key) >= self.max_batch:
                     break
                 self._cond.wait(wait)
@@ -309,6 +312,7 @@ class BatchQueue:
             if batch.size and seconds > 0:
                 rate = batch.size / seconds
                 self._rate = rate if self._rate == 0 else 0.7 * self._rate + 0.3 * rate
+                self._batch_seconds = seconds if self._batch_seconds == 0 else 0.7 * self._batch_seconds + 0.3 * seconds
             for s in batch.slices:
                 if not s.job.active:
                     self._drop_waiting(s.job)
@@ -321,6 +325,9 @@ class BatchQueue:
 
     def _waiting(self) -> int:
         return sum(j.remaining for j in self._line)
+
+    def _wait_budget(self) -> float:
+        return self.batch_wait if self.batch_wait is not None else AUTO_WAIT * self._batch_seconds
 
     def _compatible(self, key: BatchKey) -> int:
         return sum(j.remaining for j in self._line if j.key == key) if key.mode != "load" else self.max_batch
