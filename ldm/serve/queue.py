@@ -102,7 +102,6 @@ class Job:
         self.cancelled = False  # the client is gone: drop its pictures, never decode them
         self.interrupted = False  # the client asked to stop: hand back what there is
         self.preview: Image.Image | None = None
-        self.preview_step = -1
         self.preview_at = 0.0  # time.monotonic() of the last preview
         self.preview_wanted = False  # someone polls progress with previews: the worker makes one
 

@@ -101,7 +101,7 @@ class Worker:
                 self._store(s, _decode(pipe, denoised[rows]))  # leave now; the others go on
                 self._settle(job)
             elif job.preview_wanted and job.active and now - job.preview_at >= self.preview_every:
-                job.preview, job.preview_step, job.preview_at = _decode(pipe, denoised[rows][:1])[0], i + 1, now
+                job.preview, job.preview_at = _decode(pipe, denoised[rows][:1])[0], now
                 job.preview_wanted = False
         if batch.should_stop():
             raise Interrupted
