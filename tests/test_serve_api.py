@@ -19,13 +19,13 @@ from serve_helpers import decode_png, make_server, png_base64, tiny_pipeline, wa
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 # The wiki's first example ("API" page of the A1111 wiki), and a body with every field A1111's
-# /docs page shows for txt2img, as its clients send it (sampler names: ours, see docs/serve.md).
+# /docs page shows for txt2img, as its clients send it (A1111's sampler names; ours work too).
 WIKI_TXT2IMG = {"prompt": "maltese puppy", "steps": 5}
 FULL_TXT2IMG = {
     "enable_hr": False, "denoising_strength": 0, "firstphase_width": 0, "firstphase_height": 0, "hr_scale": 2,
     "hr_upscaler": "string", "hr_second_pass_steps": 0, "hr_resize_x": 0, "hr_resize_y": 0,
     "prompt": "a red circle", "styles": [], "seed": 1234, "subseed": -1, "subseed_strength": 0,
-    "seed_resize_from_h": -1, "seed_resize_from_w": -1, "sampler_name": "euler_a", "batch_size": 2, "n_iter": 1,
+    "seed_resize_from_h": -1, "seed_resize_from_w": -1, "sampler_name": "Euler a", "batch_size": 2, "n_iter": 1,
     "steps": 4, "cfg_scale": 7, "width": 32, "height": 48, "restore_faces": False, "tiling": False,
     "do_not_save_samples": False, "do_not_save_grid": False, "negative_prompt": "blurry", "eta": 0,
     "s_min_uncond": 0, "s_churn": 0, "s_tmax": 0, "s_tmin": 0, "s_noise": 1, "override_settings": {},
@@ -66,7 +66,7 @@ def test_full_a1111_body_with_seed_gives_seed_plus_k_and_reproduces(client):
     r2 = client.post("/sdapi/v1/txt2img", json=FULL_TXT2IMG | {"batch_size": 1, "seed": 1235}).json()
     info = json.loads(r1["info"])
     assert info["all_seeds"] == [1234, 1235] and info["all_prompts"] == ["a red circle"] * 2
-    assert info["width"] == 32 and info["height"] == 48 and info["sampler_name"] == "euler_a"
+    assert info["width"] == 32 and info["height"] == 48 and info["sampler_name"] == "Euler a"
     assert info["all_negative_prompts"] == ["blurry", "blurry"] and info["cfg_scale"] == 7
     first, second = (decode_png(b) for b in r1["images"])
     assert first.size == (32, 48) and second.text["seed"] == "1235"
@@ -101,8 +101,11 @@ def test_img2img_and_inpainting_with_base64_images(client):
 def test_models_samplers_and_options(client, server):
     models = client.get("/sdapi/v1/sd-models").json()
     assert [m["title"] for m in models] == ["tiny.safetensors"] and models[0]["model_name"] == "tiny"
-    names = [s["name"] for s in client.get("/sdapi/v1/samplers").json()]
-    assert "euler_a" in names and "dpmpp_2m_karras" in names
+    samplers = {s["name"]: s for s in client.get("/sdapi/v1/samplers").json()}
+    assert samplers["DPM++ 2M"] == {"name": "DPM++ 2M", "aliases": ["dpmpp_2m"], "options": {"scheduler": "karras"}}
+    assert "Euler a" in samplers and "ddpm" in samplers  # A1111's labels, then ours that A1111 lacks
+    schedulers = {s["label"]: s for s in client.get("/sdapi/v1/schedulers").json()}
+    assert schedulers["Karras"]["aliases"] == ["karras"] and schedulers["Automatic"]["aliases"] == []
     options = client.get("/sdapi/v1/options").json()
     assert options["sd_model_checkpoint"] == "tiny.safetensors" and options["ldm_defaults"]["width"] == 32
     assert client.post("/sdapi/v1/options", json={"sd_model_checkpoint": "tiny"}).status_code == 200
@@ -138,6 +141,8 @@ BAD = [
     ({"prompt": "x", "batch_size": 9, "n_iter": 2}, ["body", "batch_size"], "at most 16 per request"),
     ({"prompt": "x", "seed": -5}, ["body", "seed"], "greater than or equal to -1"),
     ({"prompt": "x", "sampler_name": "Euler Z"}, ["body", "sampler_name"], "unknown sampler"),
+    ({"prompt": "x", "sampler_name": "DPM2 a"}, ["body", "sampler_name"], "nearest is 'euler_a'"),
+    ({"prompt": "x", "sampler_name": "DPM++ 2M", "scheduler": "Wobbly"}, ["body", "scheduler"], "unknown schedule"),
     ({"prompt": "x", "enable_hr": True}, ["body", "enable_hr"], "hires fix"),
     ({"prompt": "x", "styles": ["cinematic"]}, ["body", "styles"], "no saved prompt styles"),
     ({"prompt": "x", "override_settings": {"sd_model_checkpoint": "nope"}},

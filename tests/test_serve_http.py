@@ -1,7 +1,7 @@
 """The server on a real socket (uvicorn on 127.0.0.1): a client that disconnects gives its place in
 the queue back; a full queue answers 429 with Retry-After; progress per request with a live
 preview; interrupting one request hands back its picture so far; the API key guards every route;
-and tools/serve.py refuses a non-local address without a key."""
+and ldm-serve refuses a non-local address without a key."""
 
 import base64
 import json
@@ -15,7 +15,7 @@ from fastapi.testclient import TestClient
 
 from ldm.serve import create_app
 from ldm.serve.guard import presented_key
-from ldm.serve.main import is_loopback, main
+from ldm.cli.serve import is_loopback, main
 from serve_helpers import decode_png, make_server, running, wait_until
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -81,6 +81,9 @@ def test_progress_per_request_with_preview_and_interrupt_returns_the_picture_so_
         assert c.post("/sdapi/v1/interrupt", params={"task_id": "slow"}).status_code == 200
         t.join(60)
         r = answer["r"]
+        # the answer is sent as the job ends; it leaves the queue's table right after
+        wait_until(lambda: c.get("/sdapi/v1/progress", params={"task_id": "slow"}).json()["state"]["job_count"] == 0,
+                   what="the finished job to leave the queue")
         gone = c.get("/sdapi/v1/progress", params={"task_id": "slow"}).json()
     info = json.loads(r.json()["info"])
     assert r.status_code == 200 and info["interrupted"] and len(r.json()["images"]) == 1

@@ -1,6 +1,6 @@
 """Serving: an HTTP API that AUTOMATIC1111 clients speak, a batching queue, and a web page.
 
-`tools/serve.py` is the command; `create_app(Server(catalog, settings))` builds the same app in a
+`ldm-serve` is the command; `create_app(Server(catalog, settings))` builds the same app in a
 program. FastAPI and uvicorn come with `pip install -e ".[serve]"`.
 """
 

@@ -19,8 +19,9 @@ from typing import Any
 
 from PIL import Image, ImageFilter, ImageOps
 
-from ..cli import png_info
-from ..diffusion import SPACINGS, STOCHASTIC_SAMPLERS, resolve_sampler
+from ..images import png_info
+from ..diffusion import STOCHASTIC_SAMPLERS, parse_sampler
+from ..diffusion.names import A1111_AUTOMATIC, A1111_SAMPLERS, a1111_name
 from ..images import decode_grey, decode_image
 from ..pipeline import MAX_SEED
 from .catalog import ModelCatalog, ModelEntry
@@ -88,7 +89,7 @@ def request_job(req: GenerationRequest, catalog: ModelCatalog, limits: Limits) -
     else:
         mode = "txt2img"
     cfg = d.cfg if req.cfg_scale is None else req.cfg_scale
-    eta = req.eta if sampler.removesuffix("_karras") in STOCHASTIC_SAMPLERS else None  # A1111 ignores it elsewhere
+    eta = req.eta if sampler in STOCHASTIC_SAMPLERS else None  # A1111 ignores it elsewhere
     key = BatchKey(model=entry.title, mode=mode, width=width, height=height, steps=steps, sampler=sampler,
                    spacing=spacing, cfg=float(cfg), eta=eta, strength=strength)
     return Job(key, tasks, job_id=req.force_task_id), entry
@@ -105,15 +106,29 @@ def _model(req: GenerationRequest, catalog: ModelCatalog) -> ModelEntry:
 
 
 def _sampler(req: GenerationRequest, default: str) -> tuple[str, str | None]:
-    """(sampler, spacing or None for the sampler's own) from sampler_name (or sampler_index) and scheduler."""
+    """(our sampler, spacing or None for the model's default) from sampler_name (or sampler_index) and
+    scheduler, in A1111's, ComfyUI's or our names. An A1111 sampler name without a scheduler means
+    A1111's "Automatic" schedule type for that sampler (Karras for DPM++ 2M), as in A1111."""
+    field = "sampler_name" if req.sampler_name else "sampler_index"
     name = req.sampler_name or req.sampler_index or default
     try:
-        resolve_sampler(name)
+        choice = parse_sampler(name, req.scheduler)
     except ValueError as e:
-        raise BadRequest("sampler_name" if req.sampler_name else "sampler_index", str(e)) from None
-    if req.scheduler is not None and req.scheduler not in SPACINGS:
-        raise BadRequest("scheduler", f"unknown scheduler {req.scheduler!r}; valid: {', '.join(SPACINGS)}")
-    return name, req.scheduler
+        bad_schedule = req.scheduler is not None and "schedule" in str(e).split(";")[0]
+        raise BadRequest("scheduler" if bad_schedule else field, str(e)) from None
+    spacing = choice.spacing
+    if spacing is None and name in A1111_SAMPLERS:
+        spacing = A1111_AUTOMATIC[choice.sampler]
+    return choice.sampler, spacing
+
+
+def a1111_sampler_label(sampler: str, spacing: str | None) -> str:
+    """How A1111 would name what ran: "DPM++ 2M" (its schedule type goes in its own field); our
+    name for a sampler A1111 lacks (ddpm)."""
+    try:
+        return a1111_name(sampler, spacing or "trailing")[0]
+    except ValueError:
+        return sampler
 
 
 def _check_size(size: tuple[int, int], f: int, limits: Limits) -> tuple[int, int]:
@@ -209,7 +224,7 @@ def _resize(image: Image.Image, width: int, height: int, mode: int) -> Image.Ima
 def encode_png(image: Image.Image, model: str | None) -> bytes:
     """PNG bytes with the settings in the text chunks the command-line tools write."""
     buf = io.BytesIO()
-    image.save(buf, format="PNG", pnginfo=png_info(image, model))
+    image.save(buf, format="PNG", pnginfo=png_info(image.info, model))
     return buf.getvalue()
 
 
@@ -230,7 +245,8 @@ def images_response(job: Job, result: JobResult, req: GenerationRequest, entry: 
         "negative_prompt": job.tasks[0].negative_prompt,
         "all_negative_prompts": [t.negative_prompt for t in job.tasks[: len(seeds)]],
         "seed": seeds[0], "all_seeds": seeds, "subseed": -1, "all_subseeds": [-1] * len(seeds),
-        "subseed_strength": 0, "width": key.width, "height": key.height, "sampler_name": key.sampler,
+        "subseed_strength": 0, "width": key.width, "height": key.height,
+        "sampler_name": a1111_sampler_label(key.sampler, key.spacing),
         "cfg_scale": key.cfg, "steps": key.steps, "batch_size": req.batch_size, "restore_faces": False,
         "face_restoration_model": None, "sd_model_name": entry.model_name, "sd_model_hash": entry.shorthash,
         "sd_vae_name": None, "sd_vae_hash": None, "seed_resize_from_w": -1, "seed_resize_from_h": -1,
@@ -248,7 +264,7 @@ def images_response(job: Job, result: JobResult, req: GenerationRequest, entry: 
 def _image_info(key: BatchKey, task: ImageTask) -> dict[str, Any]:
     """The settings of one picture, as the pipeline writes them into `image.info`."""
     info = {"prompt": task.prompt, "negative_prompt": task.negative_prompt, "seed": task.seed,
-            "sampler": key.sampler, "steps": key.steps, "cfg": key.cfg, "width": key.width, "height": key.height}
+            "sampler": key.sampler, "spacing": key.spacing or "trailing", "steps": key.steps, "cfg": key.cfg, "width": key.width, "height": key.height}
     if key.strength is not None:
         info["strength"] = key.strength
     return info

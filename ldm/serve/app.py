@@ -27,15 +27,16 @@ from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
 
-from ..cli import save_images
-from ..diffusion import SAMPLER_NAMES
+from ..cli.common import save_images
+from ..diffusion import SAMPLERS
+from ..diffusion.names import A1111_AUTOMATIC, A1111_SAMPLERS, A1111_SCHEDULES
 from ..pipeline import LDMPipeline
 from .a1111 import BadRequest, Limits, images_response, request_job
 from .capacity import images_per_call, largest_size
 from .catalog import ModelCatalog
 from .guard import Guard
 from .queue import BatchKey, BatchQueue, Job, QueueFull
-from .schemas import Img2ImgRequest, ImagesResponse, ProgressResponse, SamplerItem, SDModelItem, Txt2ImgRequest
+from .schemas import Img2ImgRequest, ImagesResponse, ProgressResponse, SamplerItem, SchedulerItem, SDModelItem, Txt2ImgRequest
 from .worker import Worker
 
 STATIC = Path(__file__).parent / "static"
@@ -198,7 +199,17 @@ def create_app(server: Server) -> FastAPI:
 
     @app.get("/sdapi/v1/samplers", response_model=list[SamplerItem])
     async def samplers() -> list[dict]:
-        return [{"name": name, "aliases": [], "options": {}} for name in SAMPLER_NAMES]
+        # A1111's display names first (what its clients show), each with our name as an alias; then
+        # the samplers A1111 lacks under our names
+        items = [{"name": label, "aliases": [ours], "options": {"scheduler": A1111_AUTOMATIC[ours]}}
+                 for label, ours in A1111_SAMPLERS.items()]
+        named = set(A1111_SAMPLERS.values())
+        return items + [{"name": ours, "aliases": [], "options": {}} for ours in SAMPLERS if ours not in named]
+
+    @app.get("/sdapi/v1/schedulers", response_model=list[SchedulerItem])
+    async def schedulers() -> list[dict]:
+        return [{"name": label.lower().replace(" ", "_"), "label": label, "aliases": [spacing] if spacing else []}
+                for label, spacing in A1111_SCHEDULES.items()]
 
     @app.get("/sdapi/v1/options")
     async def get_options() -> dict:

@@ -1,6 +1,6 @@
 """The load bench behind `tools/bench_serve.py`: concurrent clients against servers on loopback.
 
-Two server processes (`tools/serve.py`) serve the same model, one batching (`--max-batch N`) and
+Two server processes (`ldm-serve`) serve the same model, one batching (`--max-batch N`) and
 one not (`--max-batch 1`). Rounds alternate between them, so both see the same background load on
 a shared machine; the ratio of their throughputs is the number to read. Every client sends one
 request at a time with a prompt and seed of its own, and checks that the answer is one PNG
@@ -20,12 +20,10 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import httpx
 from PIL import Image
 
-TOOL = Path(__file__).resolve().parents[2] / "tools" / "serve.py"
 
 
 @dataclass
@@ -49,12 +47,12 @@ class Tally:
 
 
 class ServerProcess:
-    """`tools/serve.py` with the given arguments on 127.0.0.1 and a free port, until `stop`."""
+    """`ldm-serve` with the given arguments on 127.0.0.1 and a free port, until `stop`."""
 
     def __init__(self, args: list[str], *, timeout: float = 600.0):
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        command = [sys.executable, str(TOOL), *args, "--host", "127.0.0.1", "--port", str(self.port),
+        command = [sys.executable, "-m", "ldm.cli.serve", *args, "--host", "127.0.0.1", "--port", str(self.port),
                    "--log-level", "warning"]
         self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         deadline = time.monotonic() + timeout

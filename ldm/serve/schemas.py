@@ -113,6 +113,12 @@ class SamplerItem(BaseModel):
     options: dict[str, Any]
 
 
+class SchedulerItem(BaseModel):
+    name: str
+    label: str
+    aliases: list[str]
+
+
 class SDModelItem(BaseModel):
     model_config = ConfigDict(protected_namespaces=())
 

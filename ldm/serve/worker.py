@@ -17,7 +17,8 @@ from typing import Callable
 import torch
 from PIL import Image
 
-from ..pipeline import LDMPipeline, to_pil
+from ..images import to_pil
+from ..pipeline import LDMPipeline
 from .catalog import ModelCatalog
 from .queue import Batch, BatchQueue, Job, Slice
 

@@ -28,11 +28,16 @@ function showError(message) {
   $("error").hidden = !message;
 }
 
+const samplerNames = {};
+
 async function init() {
   const [samplers, models, options] = await Promise.all([
     api("sdapi/v1/samplers"), api("sdapi/v1/sd-models"), api("sdapi/v1/options"),
   ]);
-  for (const s of samplers) $("sampler").add(new Option(s.name, s.name));
+  for (const s of samplers) {
+    $("sampler").add(new Option(s.name, s.name));
+    for (const alias of s.aliases) samplerNames[alias] = s.name;  // our names -> the A1111 label listed
+  }
   for (const m of models) $("model").add(new Option(m.title, m.title));
   $("model").value = options.sd_model_checkpoint;
   applyDefaults(options.ldm_defaults || {});
@@ -40,7 +45,11 @@ async function init() {
 }
 
 function applyDefaults(d) {
-  if (d.sampler_name) $("sampler").value = d.sampler_name;
+  if (d.sampler_name) {
+    const name = samplerNames[d.sampler_name] || d.sampler_name;  // e.g. "dpmpp_2m_karras" is listed as itself
+    if (![...$("sampler").options].some((o) => o.value === name)) $("sampler").add(new Option(name, name));
+    $("sampler").value = name;
+  }
   for (const [id, key] of [["steps", "steps"], ["cfg", "cfg_scale"], ["width", "width"], ["height", "height"]]) {
     if (d[key] !== undefined) $(id).value = d[key];
   }

@@ -1,4 +1,11 @@
-"""`tools/serve.py`: load the models, then serve the API and the web page with uvicorn."""
+"""Serve a model over the AUTOMATIC1111 HTTP API, with a web page at /.
+
+    ldm-serve --ckpt runs/sd_tiny/model.safetensors            # http://127.0.0.1:7860
+    ldm-serve --config configs/sd_tiny.yaml                    # random weights, for trying it out
+    LDM_API_KEY=secret ldm-serve --ckpt model.safetensors --host 0.0.0.0
+
+Needs the serve extra: pip install -e ".[serve]". See docs/serve.md.
+"""
 
 from __future__ import annotations
 
@@ -6,16 +13,18 @@ import argparse
 import ipaddress
 import os
 import sys
+from functools import partial
 from pathlib import Path
 
 import torch
 
-from ..cli import add_model_args, pick_device, pick_dtype
 from ..config import load_config
+from ..devices import pick_device, pick_dtype
 from ..pipeline import LDMPipeline
-from .a1111 import Limits
-from .app import Server, ServeSettings, create_app
-from .catalog import ModelCatalog, ModelEntry, file_entry, folder_entries
+from ..serve.a1111 import Limits
+from ..serve.app import Server, ServeSettings, create_app
+from ..serve.catalog import ModelCatalog, ModelEntry, file_entry, folder_entries
+from .common import add_model_args, run_main
 
 API_KEY_ENV = "LDM_API_KEY"
 
@@ -32,7 +41,7 @@ def is_loopback(host: str) -> bool:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description="Serve a model over the AUTOMATIC1111 HTTP API, with a web page at /.",
-        epilog="example: python tools/serve.py --ckpt runs/sd_tiny/model.safetensors  (then open http://127.0.0.1:7860)",
+        epilog="example: ldm-serve --ckpt runs/sd_tiny/model.safetensors  (then open http://127.0.0.1:7860)",
     )
     add_model_args(parser)
     parser.add_argument("--models-dir", type=Path, default=None,
@@ -128,3 +137,9 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         server.stop()
     return 0
+
+
+run = partial(run_main, main)  # the ldm-serve entry point
+
+if __name__ == "__main__":
+    sys.exit(run())
