@@ -356,6 +356,11 @@ class TrainConfig:
         for name in ("steps", "batch_size", "grad_accum", "log_every", "keep_states"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"train.{name} must be >= 1 (got {getattr(self, name)})")
+        if self.save_every < 1:
+            raise ConfigError(f"train.save_every must be >= 1 (got {self.save_every}): training states are what "
+                              f"--resume continues from; to save rarely, set it to train.steps ({self.steps})")
+        if self.sample_every < 0:
+            raise ConfigError(f"train.sample_every must be >= 0, 0 for no sample grids (got {self.sample_every})")
         if not 0 <= self.ema_decay < 1:
             raise ConfigError(f"train.ema_decay must be in [0, 1) (got {self.ema_decay})")
         if self.text_encoder_lr is not None and not self.text_encoder_lr > 0:
