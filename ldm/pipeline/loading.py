@@ -64,7 +64,9 @@ class Loading:
                 f"{path} carries no config in its metadata; pass the architecture explicitly, e.g. "
                 "LDMPipeline.from_checkpoint(path, config='configs/sd15.yaml')"
             )
-        return cls.from_state(ModelState(cfg, parts), device=device, dtype=dtype)
+        pipe = cls.from_state(ModelState(cfg, parts), device=device, dtype=dtype)
+        pipe.source = str(path)
+        return pipe
 
     @classmethod
     def from_single_file(cls, path: str | Path, *, prediction_type: str | None = None,
@@ -82,6 +84,7 @@ class Loading:
             pipe = cls.from_state(state, device=device, dtype=dtype)
         except CheckpointError as e:
             raise CheckpointError(f"{path} {e}") from None
+        pipe.source = str(path)
         pipe.load_report = f"{state.report}\n  loaded as {pipe.dtype} on {pipe.device}"
         log.info("%s", pipe.load_report)
         return pipe
@@ -90,7 +93,9 @@ class Loading:
     def from_diffusers(cls, folder: str | Path, *, device: Device = None, dtype: DType = None):
         """Load a diffusers Stable Diffusion folder (unet/, vae/, text_encoder/, scheduler/); the weights
         are float32 unless `dtype` says otherwise."""
-        return cls.from_state(read_diffusers(folder), device=device, dtype=torch.float32 if dtype is None else dtype)
+        pipe = cls.from_state(read_diffusers(folder), device=device, dtype=torch.float32 if dtype is None else dtype)
+        pipe.source = str(folder)
+        return pipe
 
     def state(self) -> ModelState:
         """The config and the networks' state dicts (the tensors themselves, not copies)."""

@@ -7,6 +7,7 @@ prompts, drawing the starting noise, sampling with the guided denoiser, decoding
 from __future__ import annotations
 
 import secrets
+import warnings
 from typing import Any, Callable, Sequence
 
 import torch
@@ -14,6 +15,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from ..diffusion import SAMPLERS, CFGDenoiser, Denoiser, randn_like, sigmas_from_schedule
+from ..errors import NonFiniteError
 from ..images import to_pil
 from ..options import SamplingOptions
 
@@ -29,6 +31,11 @@ Generators = torch.Generator | Sequence[torch.Generator] | None
 
 class Stages:
     """The numbered stages of the generation methods, written once."""
+
+    # Where the networks came from (set by the loaders), named when one of them misbehaves.
+    source: str | None = None
+    # NaN/Inf from a network stops a call with NonFiniteError; True only warns (for debugging).
+    allow_nan: bool = False
 
     # ------------------------------------------------------------------------------------------
     # 1. Checking a call
@@ -181,8 +188,9 @@ class Stages:
             if callback is not None:
                 callback(i, x_i, denoised)
 
+        self._check_finite(x, "starting latents", "VAE encoder")  # img2img / inpaint start from encoded images
         try:
-            return sample_fn(
+            latents = sample_fn(
                 denoiser,
                 x,
                 sigmas,
@@ -193,11 +201,30 @@ class Stages:
             )
         finally:
             bar.close()
+        self._check_finite(latents, "sampled latents", "U-Net")
+        return latents
 
     def _decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Decode (one image at a time unless vae_slicing is off: decoding is the memory peak at large
         sizes); float32 on the CPU."""
-        return self.decode_latents(latents).float().cpu()
+        images = self.decode_latents(latents).float().cpu()
+        self._check_finite(images, "decoded pixels", "VAE decoder")
+        return images
+
+    def _check_finite(self, x: torch.Tensor, what: str, network: str) -> None:
+        """One reduction over `x`: NaN/Inf stops the call with an error naming the network and its file
+        (a warning with `allow_nan`), instead of an image that silently comes out black."""
+        finite = torch.isfinite(x)
+        if bool(finite.all()):
+            return
+        share = 1 - finite.float().mean().item()
+        source = f" of {self.source}" if self.source else ""
+        message = (f"the {network}{source} produced NaN/Inf ({share:.0%} of the {what}): its weights may hold "
+                   f"NaN/Inf, or {str(self.dtype).removeprefix('torch.')} overflowed (try fp32 or bf16)")
+        if self.allow_nan:
+            warnings.warn(message + "; going on because allow_nan is set", stacklevel=3)
+            return
+        raise NonFiniteError(message + "; allow_nan=True (--allow-nan) returns the images anyway, for debugging")
 
     @staticmethod
     def _output(
