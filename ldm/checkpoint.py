@@ -71,6 +71,9 @@ def read_model_config(path: str | Path) -> Config | None:
         config.validate()
     except (ConfigError, json.JSONDecodeError) as e:
         raise CheckpointError(f"{path}: the config stored in its metadata is invalid: {e}") from None
+    except RecursionError:
+        raise CheckpointError(f"{path}: the config stored in its metadata is nested too deeply to be a "
+                              "config; the file is damaged or not a model file") from None
     return config
 
 

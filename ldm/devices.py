@@ -1,6 +1,9 @@
-"""Devices and dtypes by name: "auto", "cuda:1", "fp16", ... -> torch objects, with errors that say what to pass."""
+"""Devices and dtypes by name: "auto", "cuda:1", "fp16", ... -> torch objects, with errors that say what to pass;
+and how much memory a device has free."""
 
 from __future__ import annotations
+
+import os
 
 import torch
 
@@ -40,3 +43,23 @@ def pick_dtype(name: str, device: torch.device) -> torch.dtype:
     if name != "auto":
         return parse_dtype(name)
     return torch.float16 if device.type in ("cuda", "mps") else torch.float32
+
+
+def available_memory(device: torch.device) -> int | None:
+    """Bytes free for new tensors on `device`: the free memory of a CUDA device, the memory the
+    system has available for the CPU; None where it cannot be known (MPS, unknown systems)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    if device.type != "cpu":
+        return None
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, OSError, ValueError):
+        return None

@@ -67,6 +67,8 @@ def open_image(source: ImageSource, *, draft: int | None = None) -> Image.Image:
             im.load()
         except UnidentifiedImageError:
             raise ValueError(f"{name} is not an image file PIL can read (PNG, JPEG, WebP, ...)") from None
+        except Image.DecompressionBombError as e:
+            raise ValueError(f"{name} is too large to decode safely ({e}); resize it first") from None
         except (OSError, SyntaxError, ValueError) as e:  # truncated or corrupt data
             raise ValueError(f"{name} could not be decoded ({e}); the file is truncated or corrupt") from None
     try:

@@ -14,6 +14,7 @@ import sys
 from functools import partial
 
 from ..devices import pick_device
+from .checks import positive_int
 from .common import run_main
 
 
@@ -22,11 +23,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--vae", required=True, help="VAE file (stage-1 export) or a whole model file")
     parser.add_argument("--shards", required=True, help="image shards: folder, file, brace pattern or pipe: URL")
     parser.add_argument("--out", required=True, help="output prefix, e.g. data/latents/train")
-    parser.add_argument("--resolution", type=int, required=True, help="training resolution (images are resized/cropped)")
+    parser.add_argument("--resolution", type=positive_int, required=True,
+                        help="training resolution (images are resized/cropped)")
     parser.add_argument("--text-from", default=None, help="model file whose text encoder embeds the captions too")
-    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--batch-size", type=positive_int, default=16)
     parser.add_argument("--num-workers", type=int, default=2)
-    parser.add_argument("--max-count", type=int, default=10_000, help="samples per shard")
+    parser.add_argument("--max-count", type=positive_int, default=10_000, help="samples per shard")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--overwrite", action="store_true")
     args = parser.parse_args(argv)

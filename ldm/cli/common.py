@@ -16,9 +16,11 @@ from ..images import make_grid, save_png
 from ..models.attention import ATTENTION_BACKENDS
 from ..options import SamplingOptions
 from ..pipeline import LDMPipeline
+from .checks import check_image_tool_inputs, check_memory
 
-# Bad input (configs, checkpoints, arguments) raises these; ConfigError and CheckpointError are ValueErrors.
-USER_ERRORS = (ValueError, ImportError)
+# Bad input (configs, checkpoints, arguments) raises these (ConfigError and CheckpointError are ValueErrors),
+# and so does a disk that cannot take the output (ldm.atomic.DiskError is an OSError).
+USER_ERRORS = (ValueError, ImportError, OSError)
 
 
 def run_main(main: Callable[[], int]) -> int:
@@ -47,6 +49,9 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
                        help="weights dtype (default: fp16 on GPUs, fp32 on CPU)")
     group.add_argument("--attention", default="sdpa", choices=ATTENTION_BACKENDS,
                        help="attention backend (default sdpa; xformers needs `pip install xformers`)")
+    group.add_argument("--allow-nan", action="store_true",
+                       help="write images even when a network produces NaN/Inf (a warning instead of an error; "
+                            "for debugging a model)")
 
 
 def _checked(parse: Callable[[str], object]) -> Callable[[str], str]:
@@ -104,6 +109,7 @@ def load_pipeline(args: argparse.Namespace) -> LDMPipeline:
         print(f"note: {args.config} is built with random weights; expect noise-like images until it is trained",
               file=sys.stderr)
         pipe = LDMPipeline.from_config(args.config, args.overrides, device=device, dtype=dtype)
+    pipe.allow_nan = args.allow_nan
     return pipe.set_attention_backend(args.attention)
 
 
@@ -124,13 +130,17 @@ def save_images(images: Sequence[Image.Image], out: str | Path, model: str | Non
 def image_tool(parser: argparse.ArgumentParser, argv: list[str] | None, *, out: str,
                draw: Callable[[LDMPipeline, argparse.Namespace, SamplingOptions], list[Image.Image]]) -> int:
     """The rest of an image tool's main: add the sampling and model arguments to its `parser`, parse
-    `argv`, load the model, `draw(pipe, args, options)`, and write the images to --out (default
-    `out`) with their settings, saying where they went."""
+    `argv`, check the inputs (`ldm.cli.checks`), load the model, check the memory the call needs,
+    `draw(pipe, args, options)`, and write the images to --out (default `out`) with their
+    settings, saying where they went."""
     add_sampling_args(parser, out=out)
     add_model_args(parser)
     args = parser.parse_args(argv)
+    size = check_image_tool_inputs(args)  # the output folder, prompts and pictures, before the model loads
     pipe = load_pipeline(args)
-    images = draw(pipe, args, sampling_options(args))
+    options = sampling_options(args)
+    check_memory(pipe, options, size)
+    images = draw(pipe, args, options)
     paths, grid = save_images(images, args.out, model=args.ckpt or args.config)
     for path in paths:
         print(f"wrote {path}")

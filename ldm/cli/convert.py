@@ -8,11 +8,14 @@
 
 Formats follow the paths unless --from / --to say otherwise: a folder is diffusers, `.ckpt` an
 original single file, `.safetensors` ours when it carries our config (else an original file).
+Writing into an existing diffusers folder replaces its model (unet/, vae/, text_encoder/,
+scheduler/, tokenizer/, model_index.json) and keeps every other file in it.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from functools import partial
 from pathlib import Path
@@ -21,6 +24,13 @@ from ..convert.formats import FORMATS, PREDICTION_NAMES, describe, infer_output_
 from ..devices import parse_dtype
 from ..pipeline import load_model, save_model
 from .common import run_main
+
+
+def same_place(a: Path, b: Path) -> bool:
+    """Whether two paths name one file or folder (also through links)."""
+    if a.exists() and b.exists():
+        return os.path.samefile(a, b)
+    return a.resolve() == b.resolve()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -39,6 +49,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="allow full unpickling of .ckpt files that weights-only loading rejects "
                              "(trusted files only)")
     args = parser.parse_args(argv)
+    if same_place(args.input, args.output):
+        raise ValueError(f"input and output are the same ({args.input}): converting in place would rewrite what is "
+                         "being read; write to a new path, and replace the old one yourself once the new one loads")
 
     pipe = load_model(
         args.input,

@@ -16,25 +16,30 @@ import sys
 from functools import partial
 from pathlib import Path
 
+from ..atomic import write_text_atomic
 from ..eval.heldout import heldout_items, heldout_loss, prompt_adherence
+from .checks import check_output_file, positive_int
 from .common import add_model_args, load_pipeline, run_main
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--n", type=int, default=256, help="held-out items (default 256)")
-    parser.add_argument("--resolution", type=int, default=None, help="image size (default: the model's sample size)")
-    parser.add_argument("--max-objects", type=int, default=1, help="objects per held-out scene (default 1)")
+    parser.add_argument("--n", type=positive_int, default=256, help="held-out items (default 256)")
+    parser.add_argument("--resolution", type=positive_int, default=None,
+                        help="image size (default: the model's sample size)")
+    parser.add_argument("--max-objects", type=positive_int, default=1, help="objects per held-out scene (default 1)")
     parser.add_argument("--cfg", type=float, default=7.5, help="guidance scale for adherence (default 7.5)")
-    parser.add_argument("--steps", type=int, default=20, help="sampling steps for adherence (default 20)")
+    parser.add_argument("--steps", type=positive_int, default=20, help="sampling steps for adherence (default 20)")
     parser.add_argument("--sampler", default="dpmpp_2m")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--batch-size", type=positive_int, default=32)
     parser.add_argument("--skip-loss", action="store_true", help="only prompt adherence")
     parser.add_argument("--skip-adherence", action="store_true", help="only the held-out loss")
     parser.add_argument("--out", type=Path, default=None, help="also write the metrics as JSON here")
     add_model_args(parser)
     args = parser.parse_args(argv)
+    if args.out:
+        check_output_file(args.out, "--out")  # before the evaluation, not after it
 
     pipe = load_pipeline(args)
     resolution = args.resolution or pipe.defaults.height
@@ -49,8 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     for key, value in metrics.items():
         print(f"{key:<24} {value:.4f}")
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(metrics, indent=2))
+        write_text_atomic(args.out, json.dumps(metrics, indent=2))
         print(f"wrote {args.out}")
     return 0
 

@@ -137,6 +137,8 @@ def _read_json(path: Path) -> dict:
         return json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{path} is not valid JSON: {e}") from None
+    except RecursionError:
+        raise CheckpointError(f"{path} is nested too deeply to be a config; the file is damaged") from None
 
 
 def _text_kind(folder: Path, stored: Config | None, extra: Mapping[str, torch.Tensor], text_cfg: Mapping) -> str:
@@ -288,7 +290,10 @@ def _model_index(config: Config) -> dict:
 
 def write_diffusers(state: ModelState, folder: str | Path) -> Path:
     """Write a diffusers folder (model_index.json, configs, safetensors weights, tokenizer), built
-    under a temporary name beside `folder` and renamed into place at the end."""
+    under a temporary name beside `folder` and renamed into place at the end. Into an existing
+    diffusers folder, only the model's own entries (unet/, vae/, text_encoder/, scheduler/,
+    tokenizer/, model_index.json) are replaced; everything else in it (a README, other components,
+    .git) is kept."""
     folder = Path(folder)
     replaceable = folder.is_dir() and (not any(folder.iterdir()) or (folder / "model_index.json").exists())
     if folder.exists() and not replaceable:
@@ -301,7 +306,7 @@ def write_diffusers(state: ModelState, folder: str | Path) -> Path:
     text_rule_list, extra_keys = text_rules(m.text_encoder)
     components = {"unet": unet_rules(m.unet), "vae": vae_rules(m.vae), "text_encoder": text_rule_list}
 
-    with atomic_dir(folder) as tmp:
+    with atomic_dir(folder, keep_others=True) as tmp:
         for name, rules in components.items():
             sub = tmp / name
             sub.mkdir(parents=True)
