@@ -87,7 +87,7 @@ def test_overwrite_moves_the_old_run_aside_and_deletes_nothing(finished, tmp_pat
 
 def test_resume_and_overwrite_exclude_each_other(tmp_path):
     with pytest.raises(RunFolderError, match="pass one of them"):
-        RunFolder(tmp_path, "vae").open(resume=True, overwrite=True)
+        RunFolder(tmp_path, "vae", "vae.safetensors").open(resume=True, overwrite=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -139,7 +139,7 @@ def test_resume_refuses_a_state_past_the_steps_or_of_another_trainer(finished, t
     out = copy_of(finished, tmp_path)
     with pytest.raises(RunFolderError, match="is at step 2, past train.steps=1"):
         VAETrainer(config(out, "train.steps=1"), resume=True, resume_with_changes=True)
-    folder = RunFolder(out, "ldm")
+    folder = RunFolder(out, "ldm", "model.safetensors")
     with pytest.raises(RunFolderError, match="is a training state of the vae trainer, not of ldm"):
         folder.check_resume(find_latest_state(out), config(out), allow_changes=True)
 
@@ -182,7 +182,7 @@ def test_a_second_run_on_a_folder_stops_naming_the_first_and_a_dead_ones_lock_is
         proc.wait()
     assert (tmp_path / ".lock").is_file()  # left behind by the killed process
     notes = []
-    folder = RunFolder(tmp_path, "vae", log=notes.append)
+    folder = RunFolder(tmp_path, "vae", "vae.safetensors", log=notes.append)
     folder.open(resume=False, overwrite=False)
     assert any(f"was left by process {proc.pid} on" in n and "no longer running (a stale lock)" in n for n in notes)
     assert json.loads((tmp_path / ".lock").read_text())["pid"] == os.getpid()
@@ -199,7 +199,7 @@ def test_leftovers_of_an_interrupted_save_are_removed_when_a_run_takes_the_folde
     (out / ".state-00000001.old-4242").mkdir()
     (out / "notes.tmp-1").write_text("the user's: not hidden, not ours")
     notes = []
-    RunFolder(out, "vae", log=notes.append).open(resume=True, overwrite=False)
+    RunFolder(out, "vae", "vae.safetensors", log=notes.append).open(resume=True, overwrite=False)
     assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == [".lock"]
     assert (out / "notes.tmp-1").is_file()
     assert "removed 4 leftovers of an interrupted save" in notes[0]

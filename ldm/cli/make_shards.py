@@ -30,7 +30,8 @@ def main(argv: list[str] | None = None) -> int:
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--images", type=Path, help="folder of images (jpg/jpeg/png/webp) with same-stem .txt captions")
     source.add_argument("--table", type=Path, help="JSONL, CSV or TSV file with an image path and a caption per row")
-    source.add_argument("--shapes", type=positive_int, metavar="N", help="write N samples of the built-in shapes dataset")
+    source.add_argument("--shapes", type=positive_int, metavar="N",
+                        help="write N samples of the built-in shapes dataset")
     parser.add_argument("--out", required=True, help="shard prefix: writes OUT-000000.tar, ... and OUT-index.json "
                                                       "(a folder, OUT/: FOLDER-000000.tar, ... inside it)")
     parser.add_argument("--max-count", type=positive_int, default=10_000,
@@ -46,7 +47,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--resolution", type=positive_int, default=64, help="--shapes image size (default 64)")
     parser.add_argument("--seed", type=int, default=0, help="--shapes seed (default 0)")
     parser.add_argument("--split", default="train", help="--shapes split: train or heldout (default train)")
-    parser.add_argument("--max-objects", type=positive_int, default=1, help="--shapes objects per scene at most (default 1)")
+    parser.add_argument("--max-objects", type=positive_int, default=1,
+                        help="--shapes objects per scene at most (default 1)")
     parser.add_argument("--overwrite", action="store_true", help="replace existing shards with the same --out prefix")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)

@@ -11,8 +11,9 @@ counted in a `SkipCounter` shared by all workers. With `epoch_length` set, every
 through its shards forever and each rank yields exactly `epoch_length` batches per epoch, so DDP
 never waits on a rank that ran dry; a slot whose own shards give no usable sample in a whole
 pass (they are all broken, unreadable or held out) widens to a share of all shards rather than
-stopping the run, and only data with no usable sample anywhere is an error. The stream is a pure function of (seed, epoch, rank,
-world_size, num_workers); `loader.state_dict()` / `load_state_dict()` give the exact position.
+stopping the run, and only data with no usable sample anywhere is an error. The stream is a pure
+function of (seed, epoch, rank, world_size, num_workers); `loader.state_dict()` /
+`load_state_dict()` give the exact position.
 
 `make_latent_loader` reads pre-computed latent shards (`.latent.npy` or `.latent.pth`, `.txt`,
 optional `.emb.npy`) written by `ldm.data.writer.write_latent_shards`.

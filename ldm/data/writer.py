@@ -85,7 +85,8 @@ def shard_prefix(prefix: str | os.PathLike) -> Path:
     if text.endswith(("/", os.sep)) or path.is_dir():
         name = path.resolve().name
         if not name:
-            raise ValueError(f"{text!r} names no shard prefix; pass a folder and a name, e.g. {text.rstrip('/')}/shards/train")
+            raise ValueError(f"{text!r} names no shard prefix; pass a folder and a name, e.g. "
+                             f"{text.rstrip('/')}/shards/train")
         return path / name
     return path
 

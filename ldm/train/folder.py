@@ -30,8 +30,9 @@ from ..config import Config, to_dict
 from .checkpoint import LATEST, META, STATE_PREFIX, find_latest_state, read_state_json
 
 LOCK = ".lock"
-# What a finished or interrupted run leaves in its folder (besides logs/ and samples/).
-RUN_FILES = (LATEST, "metrics.json", "model.safetensors", "vae.safetensors")
+# What a finished or interrupted run leaves in its folder besides its states and its export (and
+# logs/ and samples/, which a new run adds to without harm).
+RUN_FILES = (LATEST, "metrics.json")
 # Config keys that may differ on resume because they do not change the trained weights: where
 # files go, how often to log, sample and save, what the sample grids show, speed switches, and
 # the settings of the held-out evaluation and of the exported file's sampling defaults.
@@ -168,11 +169,12 @@ def incomplete_states(folder: Path) -> list[Path]:
     return sorted(p for p in folder.glob(f"{STATE_PREFIX}*") if p.is_dir() and not (p / META).is_file())
 
 
-def run_contents(folder: Path) -> list[str]:
-    """What of a run (states, export, metrics, `latest`) the folder holds, by name."""
+def run_contents(folder: Path, export: str) -> list[str]:
+    """What of a run (states, the export file `export`, metrics, `latest`) the folder holds, by name."""
     if not folder.is_dir():
         return []
-    return sorted(p.name for p in folder.iterdir() if p.name.startswith(STATE_PREFIX) or p.name in RUN_FILES)
+    return sorted(p.name for p in folder.iterdir()
+                  if p.name.startswith(STATE_PREFIX) or p.name in RUN_FILES or p.name == export)
 
 
 def aside_name(folder: Path) -> Path:
@@ -213,11 +215,14 @@ def config_changes(saved: dict, current: Config) -> list[str]:
 class RunFolder:
     """The output folder of one trainer's run: take it (`open`), pick the state to resume, give it up."""
 
-    def __init__(self, folder: str | Path, trainer: str, *, main: bool = True,
+    def __init__(self, folder: str | Path, trainer: str, export: str, *, main: bool = True,
                  log: Callable[[str], None] = print):
-        """`trainer`: the trainer's name (its states say it); `main`: this process writes (rank 0)."""
+        """`trainer`: the trainer's name (its states say it); `export`: the name of its export file
+        (an input file of the same name in the folder, such as stage 2's VAE, is not a run's);
+        `main`: this process writes (rank 0)."""
         self.path = Path(folder)
         self.trainer = trainer
+        self.export = export
         self.main = main
         self.log = log
         self.lock = FolderLock(self.path)
@@ -241,7 +246,7 @@ class RunFolder:
             if resume:
                 self._resumable()
                 return
-            contents = run_contents(self.path)
+            contents = run_contents(self.path, self.export)
             if contents and not overwrite:
                 raise RunFolderError(
                     f"{self.path} holds another run ({self._describe(contents)}). Continue it with --resume; "

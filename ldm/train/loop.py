@@ -244,7 +244,7 @@ class Trainer(ABC):
         self.data: Batches | None = None
         self._position: dict | None = None  # the data position of the state resumed from
         acc = self.accelerator
-        self.folder = RunFolder(self.out, self.NAME, main=acc.is_main_process, log=acc.print)
+        self.folder = RunFolder(self.out, self.NAME, self.EXPORT_NAME, main=acc.is_main_process, log=acc.print)
         self.folder.open(resume=resume, overwrite=overwrite)  # rank 0 takes the folder; the others wait
         acc.wait_for_everyone()
         self._state = self.folder.state() if resume else None
