@@ -19,6 +19,7 @@ from ...config import Config, DiffusionConfig, SampleConfig, load_config
 from ...diffusion.schedule import Schedule
 from ...errors import CheckpointError
 from .detect import check_prediction_type, detect_config
+from .layouts import standard_layout
 from .reader import read_checkpoint
 
 log = logging.getLogger(__name__)
@@ -147,12 +148,12 @@ def read_single_file(
     noise-schedule buffers are checked against the schedule we build; EMA copies of the U-Net
     (`model_ema.*`) replace its weights with `use_ema=True` and are otherwise left unread; the HF
     CLIP `position_ids` and training-only VAE loss weights (`first_stage_model.loss.*`) are dropped;
-    anything else is an error naming it. `config` (a Config or YAML path) replaces detection. The
-    returned state's `report` says what was detected and done (`LDMPipeline.from_single_file`
-    logs it and keeps it as `pipe.load_report`).
+    anything else is an error naming it. Older key layouts are renamed first (`layouts`). `config`
+    (a Config or YAML path) replaces detection. The returned state's `report` says what was
+    detected and done (`LDMPipeline.from_single_file` logs it and keeps it as `pipe.load_report`).
     """
     path = Path(path)
-    state = read_checkpoint(path, trust_pickle=trust_pickle)
+    state, layout_notes = standard_layout(read_checkpoint(path, trust_pickle=trust_pickle))
     if config is not None:
         cfg = copy.deepcopy(config) if isinstance(config, Config) else load_config(config)
         if prediction_type is not None:
@@ -163,7 +164,7 @@ def read_single_file(
         model_cfg, report = detect_config(state, prediction_type=prediction_type)
         size = 768 if model_cfg.diffusion.prediction_type == "v" else 512
         cfg = Config(model=model_cfg, sample=SampleConfig(height=size, width=size))
-    lines = [f"{path.name}: {len(state)} tensors", report]
+    lines = [f"{path.name}: {len(state)} tensors", report, *layout_notes]
 
     s = _sort_tensors(state)
     del state
