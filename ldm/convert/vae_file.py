@@ -21,6 +21,7 @@ import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
+
 from safetensors import safe_open
 from torch import Tensor
 
@@ -75,7 +76,8 @@ def _read_folder(path: Path) -> tuple[VAEConfig, dict[str, Tensor], list[str]]:
     state, renamed = current_vae_names(read_component_weights(folder, WEIGHT_STEMS["vae"]))
     notes = [f"  diffusers folder {folder}"]
     if renamed:
-        notes.append(f"  {renamed} attention tensors renamed from diffusers' older names (query, key, value, proj_attn)")
+        notes.append(f"  {renamed} attention tensors renamed from diffusers' older names (query, key, value, "
+                     "proj_attn)")
     return cfg, from_diffusers_state(state, vae_rules(cfg), str(folder)), notes
 
 
