@@ -24,6 +24,7 @@ from ..convert.single_file import read_single_file, write_single_file
 from ..convert.vae_file import read_vae, with_vae
 from ..errors import CheckpointError
 from ..models import build_models
+from ..models.attention import AttentionLayer, set_attention_backend
 from ..speed import optimize_vae
 from .source import ModelSource
 
@@ -144,6 +145,9 @@ class Loading:
         the model's shape; the model's latent scale is kept. Returns the pipeline."""
         found = read_vae(path, self.vae.cfg, trust_pickle=trust_pickle)
         vae = build_vae(found.config, found.tensors, device=self.device, dtype=next(self.vae.parameters()).dtype)
+        backend = next((m.backend for m in self.vae.modules() if isinstance(m, AttentionLayer)), None)
+        if backend is not None:
+            set_attention_backend(vae, backend)  # the backend the pipeline was set to
         self.vae = vae.eval()
         self.model_config = dataclasses.replace(self.model_config, vae=vae.cfg)
         self.fast_vae = optimize_vae(vae, self.speed)
