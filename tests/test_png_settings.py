@@ -7,12 +7,14 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import subprocess
+import sys
 
 import pytest
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
-from helpers import FAST, TINY
+from helpers import FAST, ROOT, TINY, TINY_SD1, randomize
 from ldm import LDMPipeline
 from ldm.cli import txt2img
 from ldm.images import save_png
@@ -78,6 +80,22 @@ def test_the_chunks_are_a1111s_parameters_and_our_json_and_nothing_comfyui_misre
     ours = json.loads(chunks["ldm"])
     assert ours["format"] == 1 and ours["model"] == {"name": "m"} and ours["runtime"] == {"device": "cpu"}
     assert ours["options"] == {k: v for k, v in image.info.items()}
+
+
+def test_an_original_ckpt_through_the_command_line_gives_a1111_every_field(tmp_path):
+    sd1 = randomize(LDMPipeline.from_config(TINY, TINY_SD1, seed=0))  # detectable: the SD 1.x conventions
+    ckpt = sd1.save_single_file(tmp_path / "my-model.ckpt")
+    out = tmp_path / "out"
+    r = subprocess.run([sys.executable, "tools/txt2img.py", "--ckpt", str(ckpt), "--prompt", "a red circle, big",
+                        "--negative-prompt", "blurry: dark", "--sampler", "DPM++ 2M Karras", "--steps", "2",
+                        "--cfg", "6.5", "--guidance-rescale", "0.5", "--seed", "42", "--height", "32", "--width", "40",
+                        "--device", "cpu", "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    fields = reference_parse(Image.open(out / "00000-42.png").text["parameters"])
+    assert fields == {"Prompt": "a red circle, big", "Negative prompt": "blurry: dark", "Steps": "2",
+                      "Sampler": "DPM++ 2M", "Schedule type": "Karras", "CFG scale": "6.5", "Seed": "42",
+                      "Size": "40x32", "Model hash": hashlib.sha256(ckpt.read_bytes()).hexdigest()[:10],
+                      "Model": "my-model", "CFG Rescale": "0.5"}
 
 
 def test_settings_from_png_makes_the_image_again_bit_for_bit(tmp_path, tiny_pipe):

@@ -243,7 +243,7 @@ def detect_config(
         hint = (
             "; its conditioner.embedders.* look like SDXL, which this library does not load"
             if sdxl
-            else ". Pass the architecture explicitly with config=..."
+            else ". Pass the architecture explicitly with config=... (the tools: --config beside --ckpt)"
         )
         raise CheckpointError(
             f"cannot tell the text encoder: no {text_p}transformer.* (SD 1.x, CLIP ViT-L) or "
@@ -263,7 +263,7 @@ def detect_config(
     except ConfigError as e:
         raise CheckpointError(
             f"the detected architecture is not valid ({e}); it may be a model that does not follow the "
-            "SD 1.x / 2.x conventions: pass its config explicitly with config=..."
+            "SD 1.x / 2.x conventions: pass its config explicitly with config=... (the tools: --config beside --ckpt)"
         ) from None
     return cfg, _report(cfg, family, assumed)
 

@@ -118,8 +118,8 @@ def _check_schedule(found: Mapping[str, Tensor], cfg: DiffusionConfig, path: Pat
         )
         if theirs.shape != ours.shape:
             raise CheckpointError(
-                f"{path}: its {name} has {theirs.numel()} steps but the schedule built for it "
-                f"({ours_desc}) has {ours.numel()}; pass config=... with the right diffusion section"
+                f"{path}: its {name} has {theirs.numel()} steps but the schedule built for it ({ours_desc}) has "
+                f"{ours.numel()}; pass config=... (the tools: --config) with the right diffusion section"
             )
         tol = 8 * torch.finfo(found[name].dtype).eps if found[name].is_floating_point() else 1e-6
         err = ((theirs - ours).abs() / ours.abs().clamp(min=1e-12)).max().item()
@@ -128,7 +128,7 @@ def _check_schedule(found: Mapping[str, Tensor], cfg: DiffusionConfig, path: Pat
                 f"{path}: the file's {name} (first {theirs[0].item():.6g}, last {theirs[-1].item():.6g}) "
                 f"does not match the schedule built for it ({ours_desc}: first {ours[0].item():.6g}, "
                 f"last {ours[-1].item():.6g}); max relative difference {err:.3g}. The model was trained "
-                "with another noise schedule: pass config=... with the right diffusion section"
+                "with another noise schedule: pass config=... (the tools: --config) with the right diffusion section"
             )
         checked.append(name)
     return f"file's {' and '.join(checked)} match the schedule" if checked else None
