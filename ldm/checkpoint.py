@@ -34,6 +34,24 @@ FORMAT_KEY = "ldm_format"
 FORMAT_VERSION = "1"
 
 
+def file_kind(path: str | Path) -> str:
+    """What a weights file is, from its first bytes (not its name): "safetensors", "zip" (a PyTorch
+    pickle as `torch.save` writes it), "pickle" (a legacy, pre-zip `torch.save`) or "unknown"."""
+    path = Path(path)
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(16)
+    if head.startswith(b"PK\x03\x04"):
+        return "zip"
+    if head[:1] == b"\x80" and len(head) > 1 and 2 <= head[1] <= 5:
+        return "pickle"  # protocol marker of a legacy (pre-zip) torch.save
+    if len(head) >= 9:
+        header_len = int.from_bytes(head[:8], "little")
+        if 0 < header_len <= size - 8 and head[8:9] == b"{":
+            return "safetensors"
+    return "unknown"
+
+
 def atomic_save_safetensors(tensors: Mapping[str, torch.Tensor], path: str | Path, metadata: dict[str, str]) -> Path:
     """Write `tensors` to `path` via a temporary file in the same directory, fsync, then rename."""
     with atomic_path(path) as tmp:
@@ -59,6 +77,11 @@ def read_model_config(path: str | Path) -> Config | None:
     """The config in a model file's metadata (None when it carries none, as original Stable
     Diffusion files do), read from the header alone: no tensor is loaded."""
     path = _existing_file(path)
+    if file_kind(path) in ("zip", "pickle"):
+        raise CheckpointError(
+            f"{path} is a PyTorch pickle checkpoint (.ckpt), not an ldm model file; load it with "
+            "LDMPipeline.load(path), which reads every format (the tools: --ckpt PATH)"
+        )
     try:
         with safe_open(str(path), framework="pt") as f:
             metadata = f.metadata() or {}

@@ -19,6 +19,18 @@ FAST = ["model.unet.model_channels=32", "model.text_encoder.width=64", "model.un
         "model.text_encoder.heads=2", "model.text_encoder.projection_dim=64", "model.vae.ch=16",
         "sample.height=32", "sample.width=32", "sample.steps=3"]
 INPAINTING = [*FAST, "model.unet.in_channels=9"]
+# The tiny test model changed only where the SD 1.x conventions differ from it (heads, proj, norm groups).
+TINY_SD1 = [
+    "model.unet.num_heads=8",
+    "model.unet.num_head_channels=null",
+    "model.unet.use_linear_in_transformer=false",
+    "model.unet.attention_resolutions=[2,1]",
+    "model.vae.norm_groups=32",
+    "model.vae.scaling_factor=0.18215",
+    "model.text_encoder.heads=2",
+    "model.text_encoder.intermediate_size=512",
+    "model.text_encoder.trainable=false",
+]
 
 
 def randomize(target: LDMPipeline | nn.Module, seed: int = 1, scale: float = 0.02):

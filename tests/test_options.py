@@ -5,11 +5,9 @@ import json
 
 import pytest
 import torch
-from PIL import Image
 
 from ldm import SamplingOptions
 from ldm.config import SampleConfig
-from ldm.images import PNG_FIELDS, save_png
 
 DEFAULTS = SampleConfig(steps=12, cfg=5.0, sampler="euler_a", height=64, width=48, negative_prompt="blurry")
 
@@ -93,14 +91,3 @@ def test_wrong_keywords_name_the_options_each_method_takes(tiny_pipe):
         tiny_pipe.img2img(torch.rand(1, 3, 32, 32), "x", height=64)
 
 
-def test_png_files_hold_the_settings_in_both_forms(tmp_path):
-    info = {"prompt": "a cat", "negative_prompt": "", "seed": 5, "sampler": "ddim", "steps": 20, "cfg": 7.5,
-            "spacing": "trailing", "width": 64, "height": 32, "strength": 0.6, "guidance_rescale": 0.0}
-    image = Image.new("RGB", (4, 4))
-    image.info.update(info)
-    written = Image.open(save_png(image, tmp_path / "a.png", model="models/m.safetensors")).text
-    assert [p.name for p in tmp_path.iterdir()] == ["a.png"]  # no temporary file left behind
-    assert {k: written[k] for k in PNG_FIELDS} == {k: str(info[k]) for k in PNG_FIELDS}
-    assert written["model"] == "models/m.safetensors" and "guidance_rescale" not in written
-    assert written["parameters"] == ("a cat\nNegative prompt: \nSteps: 20, Sampler: ddim, CFG scale: 7.5, Seed: 5, "
-                                     "Size: 64x32, Denoising strength: 0.6, Model: m.safetensors")

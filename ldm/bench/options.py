@@ -23,9 +23,11 @@ PROMPT = "a large red circle in the center on a white background"
 
 @dataclass
 class BenchOptions:
-    """What to benchmark and how. `speed` holds `ldm.speed.SpeedConfig` switches (only the ones set)."""
+    """What to benchmark and how: the random weights of `config`, or the model file `ckpt` (any
+    format `LDMPipeline.load` reads). `speed` holds `ldm.speed.SpeedConfig` switches (only the ones set)."""
 
-    config: str | Path
+    config: str | Path | None = None
+    ckpt: str | Path | None = None
     overrides: Sequence[str] = ()
     device: str = "auto"  # "auto": cuda when available, else cpu
     dtype: str = "auto"  # "auto": bf16 on CUDA, fp32 elsewhere
@@ -43,6 +45,11 @@ class BenchOptions:
     profile: bool = False  # also profile one CFG U-Net step (ours, and diffusers' with vs_diffusers)
 
     def validate(self) -> None:
+        if (self.config is None) == (self.ckpt is None):
+            raise ValueError("benchmark either a config (random weights) or a model file (ckpt), not "
+                             f"{'both' if self.config else 'neither'}")
+        if self.ckpt is not None and self.overrides:
+            raise ValueError("config overrides apply to a config (random weights); a model file carries its config")
         unknown = [w for w in self.workloads if w not in WORKLOADS]
         if unknown or not self.workloads:
             raise ValueError(f"unknown workloads {unknown or '(none given)'}; choose from {', '.join(WORKLOADS)}")

@@ -27,13 +27,19 @@ from .workloads import WORKLOAD_RUNNERS
 
 def run_bench(options: BenchOptions, log: Callable[[str], None] | None = None,
               on_row: Callable[[BenchResult], None] | None = None) -> BenchResult:
-    """Build the config's model with random weights and measure each workload; `log` gets progress lines,
-    `on_row` the result so far after each row (to save it as it grows). A workload that fails (ours
-    or diffusers') becomes a row with its `error`, and the others still run."""
+    """Build the config's model with random weights (or load the model file) and measure each
+    workload; `log` gets progress lines, `on_row` the result so far after each row (to save it as
+    it grows). A workload that fails (ours or diffusers') becomes a row with its `error`, and the
+    others still run."""
     options.validate()
     log = log or (lambda line: None)
-    path = resolve_config(options.config)
-    cfg = load_config(path, options.overrides)
+    if options.ckpt is not None:
+        log(f"loading {options.ckpt}")
+        pristine = LDMPipeline.load(options.ckpt, device="cpu", dtype=torch.float32)
+        path, cfg = options.ckpt, pristine.config
+    else:
+        path = resolve_config(options.config)
+        cfg = load_config(path, options.overrides)
     factor = cfg.model.vae.downsample_factor
     check_resolution(options.resolution, factor, "resolution")
     for resolution, _ in options.train_shapes or ():
@@ -44,10 +50,11 @@ def run_bench(options: BenchOptions, log: Callable[[str], None] | None = None,
     speed = speed_config_of(options.speed)
     if options.vs_diffusers:
         require_diffusers()  # before minutes of building and timing
-    log(f"building {path} with random weights")
-    pristine = LDMPipeline.from_config(cfg, seed=options.seed)
-    randomize_weights_(pristine.unet, options.seed)
-    randomize_weights_(pristine.vae, options.seed + 1)
+    if options.ckpt is None:
+        log(f"building {path} with random weights")
+        pristine = LDMPipeline.from_config(cfg, seed=options.seed)
+        randomize_weights_(pristine.unet, options.seed)
+        randomize_weights_(pristine.vae, options.seed + 1)
     peak = options.peak_tflops or peak_tflops_for(device, dtype)
     if peak is None and device.type == "cuda":
         log(f"no peak TFLOP/s known for {torch.cuda.get_device_name(device)}; MFU is n/a (pass a peak to get it)")

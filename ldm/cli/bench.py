@@ -3,6 +3,7 @@
     ldm-bench --config sd15 --vs-diffusers                       # all workloads, against diffusers
     ldm-bench --config sd15 --workloads unet,generate --channels-last --compile max-autotune
     ldm-bench --config configs/sd_tiny.yaml --device cpu --resolution 64 --json bench.json
+    ldm-bench --ckpt v1-5-pruned-emaonly.safetensors --workloads unet,generate   # a model file's own weights
 
 Workloads: unet (one CFG step, batch 2), train (one training step per --train-resolution/--train-batch),
 vae (decode of one image), generate (LDMPipeline.generate of one image per --steps, DDIM with CFG),
@@ -26,6 +27,7 @@ from ..bench.profile import format_profile
 from ..config import COMPILE_MODES
 from ..devices import DTYPES
 from .common import run_main
+from .model_choice import default_model
 
 
 def int_list(text: str) -> list[int]:
@@ -55,8 +57,13 @@ def train_shapes(resolutions: list[int] | None, batches: list[int] | None) -> li
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", required=True,
-                        help="config YAML path, or a name in configs/ (sd15, sd21, sd_small, sd_tiny, ...)")
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--config", default=None,
+                        help="config YAML path, or a name in configs/ (sd15, sd21, sd_small, sd_tiny, ...), built "
+                             "with random weights")
+    source.add_argument("--ckpt", default=None, metavar="MODEL",
+                        help="a model file or diffusers folder in any format, with its own weights (default without "
+                             "--config: $LDM_CHECKPOINT, else runs/sd_tiny/model.safetensors)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="config override, e.g. --set model.unet.transformer_depth=2 (repeatable)")
     parser.add_argument("--device", default="auto", help="cuda, cuda:1, cpu, or auto (default: cuda if available)")
@@ -93,11 +100,15 @@ def main(argv: list[str] | None = None) -> int:
                              "diffusers') and print the top kernels")
     parser.add_argument("--json", default=None, metavar="OUT", help="also write the results as JSON to OUT")
     args = parser.parse_args(argv)
+    ckpt = args.ckpt
+    if ckpt is None and args.config is None:
+        ckpt, why = default_model()
+        print(f"note: benchmarking the {why}", file=sys.stderr)
 
     switches = {"channels_last": args.channels_last, "fuse_qkv": args.fuse_qkv, "fused_norm_act": args.fused_norm_act,
                 "compile": args.compile, "cuda_graphs": args.cuda_graphs}
     options = BenchOptions(
-        config=args.config, overrides=args.overrides, device=args.device, dtype=args.dtype,
+        config=args.config, ckpt=ckpt, overrides=args.overrides, device=args.device, dtype=args.dtype,
         resolution=args.resolution, train_shapes=train_shapes(args.train_resolution, args.train_batch),
         generate_steps=args.steps, repeats=args.repeats, warmup=args.warmup,
         workloads=[w.strip() for w in args.workloads.split(",") if w.strip()],

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from safetensors import safe_open
 
-from ..checkpoint import CONFIG_KEY
+from ..checkpoint import CONFIG_KEY, file_kind
 from ..config import PREDICTION_TYPES
 from ..errors import CheckpointError
 from .diffusers.configs import PREDICTION_TO_DIFFUSERS
@@ -37,24 +37,29 @@ def normalise_prediction_type(name: str) -> str:
 
 
 def detect_input_format(path: str | Path) -> str:
-    """A folder is a diffusers model; `.ckpt`/`.pt`/`.pth` an original single file; a `.safetensors`
-    is ours when its metadata holds our config, else an original single file."""
+    """The format of the model at `path`, read from the file itself, not its name: a folder is a
+    diffusers model; a PyTorch pickle (`.ckpt`, `.pt`, ... or misnamed) an original single file; a
+    `.safetensors` file is ours when its metadata holds our config, else an original single file."""
     path = Path(path)
     if path.is_dir():
         return "diffusers"
     if not path.exists():
         raise CheckpointError(f"{path} not found")
-    if path.suffix in PICKLE_SUFFIXES:
+    kind = file_kind(path)
+    if kind in ("zip", "pickle"):
         return "single"
-    if path.suffix == ".safetensors":
+    if kind == "safetensors":
         try:
             with safe_open(str(path), framework="pt") as f:
                 metadata = f.metadata() or {}
         except Exception as e:  # a corrupt header raises several kinds of errors
-            raise CheckpointError(f"{path} is not a readable .safetensors file ({e})") from None
+            raise CheckpointError(f"{path} is not a readable .safetensors file ({e}); it may be truncated or "
+                                  "corrupt: download or export it again") from None
         return "ours" if CONFIG_KEY in metadata else "single"
     raise CheckpointError(
-        f"cannot tell the format of {path}: expected a diffusers folder, .safetensors or .ckpt (or pass --from)"
+        f"{path} ({path.stat().st_size} bytes) is neither a .safetensors file nor a PyTorch pickle (.ckpt) by its "
+        "first bytes, nor a diffusers folder; it may be truncated, an HTML page saved by a failed download, "
+        "or another format"
     )
 
 

@@ -3,14 +3,12 @@
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
 import torch
 
 from ..config import Config
-from ..convert.formats import FORMATS, detect_input_format, infer_output_format, normalise_prediction_type
-from ..errors import CheckpointError
+from ..convert.formats import FORMATS, infer_output_format
 from .ldm_pipeline import LDMPipeline
 
 
@@ -22,31 +20,12 @@ def load_model(
     prediction_type: str | None = None,
     use_ema: bool = False,
     trust_pickle: bool = False,
+    vae: str | Path | None = None,
 ) -> LDMPipeline:
-    """Load an LDMPipeline from any supported format (detected from `path` when `fmt` is None)."""
-    fmt = fmt or detect_input_format(path)
-    if fmt == "single":
-        pred = normalise_prediction_type(prediction_type) if prediction_type else None
-        return LDMPipeline.from_single_file(path, prediction_type=pred, config=config, use_ema=use_ema,
-                                            trust_pickle=trust_pickle)
-    if use_ema:
-        raise CheckpointError(f"--ema applies to original single files only; {path} is a {fmt} model")
-    if fmt == "ours":
-        pipe = LDMPipeline.from_checkpoint(path, config=config)
-    elif fmt == "diffusers":
-        if config is not None:
-            raise CheckpointError(f"{path} is a diffusers folder, whose configs describe it; drop --config")
-        pipe = LDMPipeline.from_diffusers(path)
-    else:
-        raise ValueError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
-    return _with_prediction_type(pipe, prediction_type) if prediction_type else pipe
-
-
-def _with_prediction_type(pipe: LDMPipeline, prediction_type: str) -> LDMPipeline:
-    diffusion = dataclasses.replace(pipe.diffusion, prediction_type=normalise_prediction_type(prediction_type))
-    out = LDMPipeline(pipe.vae, pipe.unet, pipe.text_encoder, diffusion, defaults=pipe.defaults)
-    out.source = pipe.source
-    return out
+    """Load an LDMPipeline from any supported format (detected from the file itself when `fmt` is
+    None); the same as `LDMPipeline.load`."""
+    return LDMPipeline.load(path, fmt, config=config, prediction_type=prediction_type, vae=vae, use_ema=use_ema,
+                            trust_pickle=trust_pickle)
 
 
 def save_model(pipe: LDMPipeline, path: str | Path, fmt: str | None = None, *,

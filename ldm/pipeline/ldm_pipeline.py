@@ -26,6 +26,7 @@ from ..models.text import TextEncoder
 from ..models.unet import UNet
 from ..models.vae import AutoencoderKL
 from ..options import check_negatives, check_prompts
+from ..png_settings import settings_from_png
 from ..speed import FastUNet, FastVAE, SpeedConfig, optimize_unet, optimize_vae, speed_config
 from .loading import Loading
 from .stages import Generators, Stages, StepCallback
@@ -102,6 +103,10 @@ class LDMPipeline(Loading, Stages):
         self.fast_vae = optimize_vae(self.vae, speed)
         self.speed = speed
         return self
+
+    # The sampling options a PNG written by the tools (or by AUTOMATIC1111) records:
+    # `pipe.generate(**LDMPipeline.settings_from_png("image.png").to_dict())` makes it again.
+    settings_from_png = staticmethod(settings_from_png)
 
     def set_attention_backend(self, name: str) -> LDMPipeline:
         """Run the U-Net's and VAE's attention through "sdpa" (default), "xformers" or "math"."""

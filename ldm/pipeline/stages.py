@@ -18,6 +18,7 @@ from ..diffusion import SAMPLERS, CFGDenoiser, Denoiser, randn_like, sigmas_from
 from ..errors import NonFiniteError
 from ..images import to_pil
 from ..options import SamplingOptions
+from .source import ModelSource
 
 MAX_SEED = 2**63 - 1
 OUTPUT_TYPES = ("pil", "tensor")
@@ -33,7 +34,7 @@ class Stages:
     """The numbered stages of the generation methods, written once."""
 
     # Where the networks came from (set by the loaders), named when one of them misbehaves.
-    source: str | None = None
+    source: ModelSource | None = None
     # NaN/Inf from a network stops a call with NonFiniteError; True only warns (for debugging).
     allow_nan: bool = False
 
@@ -218,7 +219,8 @@ class Stages:
         if bool(finite.all()):
             return
         share = 1 - finite.float().mean().item()
-        source = f" of {self.source}" if self.source else ""
+        where = self.source and (self.source.path or self.source.config)
+        source = f" of {where}" if where else ""
         message = (f"the {network}{source} produced NaN/Inf ({share:.0%} of the {what}): its weights may hold "
                    f"NaN/Inf, or {str(self.dtype).removeprefix('torch.')} overflowed (try fp32 or bf16)")
         if self.allow_nan:

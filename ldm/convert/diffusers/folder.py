@@ -44,7 +44,15 @@ from .configs import (
     vae_config_from_diffusers,
     version_of,
 )
-from .keys import Tensors, from_diffusers_state, text_rules, to_diffusers_state, unet_rules, vae_rules
+from .keys import (
+    Tensors,
+    current_vae_names,
+    from_diffusers_state,
+    text_rules,
+    to_diffusers_state,
+    unet_rules,
+    vae_rules,
+)
 
 EXTRA_FILE = "ldm_extra.safetensors"  # in text_encoder/: tensors a CLIPTextModel has no place for
 LDM_CONFIG_KEY = "_ldm_config"  # in model_index.json
@@ -230,6 +238,8 @@ def read_diffusers(folder: str | Path) -> ModelState:
         state = read_component_weights(folder / name, WEIGHT_STEMS[name])
         if name == "text_encoder":
             state = _normalise_text_names(state, folder)
+        elif name == "vae":
+            state, _ = current_vae_names(state)
         parts[name] = from_diffusers_state(state, rules, f"{folder / name}")
         if name == "text_encoder":
             parts[name].update(_read_extra(folder, m.text_encoder, extra_keys))

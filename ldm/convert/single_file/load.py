@@ -19,6 +19,7 @@ from ...config import Config, DiffusionConfig, SampleConfig, load_config
 from ...diffusion.schedule import Schedule
 from ...errors import CheckpointError
 from .detect import check_prediction_type, detect_config
+from .layouts import standard_layout
 from .reader import read_checkpoint
 
 log = logging.getLogger(__name__)
@@ -117,8 +118,8 @@ def _check_schedule(found: Mapping[str, Tensor], cfg: DiffusionConfig, path: Pat
         )
         if theirs.shape != ours.shape:
             raise CheckpointError(
-                f"{path}: its {name} has {theirs.numel()} steps but the schedule built for it "
-                f"({ours_desc}) has {ours.numel()}; pass config=... with the right diffusion section"
+                f"{path}: its {name} has {theirs.numel()} steps but the schedule built for it ({ours_desc}) has "
+                f"{ours.numel()}; pass config=... (the tools: --config) with the right diffusion section"
             )
         tol = 8 * torch.finfo(found[name].dtype).eps if found[name].is_floating_point() else 1e-6
         err = ((theirs - ours).abs() / ours.abs().clamp(min=1e-12)).max().item()
@@ -127,7 +128,7 @@ def _check_schedule(found: Mapping[str, Tensor], cfg: DiffusionConfig, path: Pat
                 f"{path}: the file's {name} (first {theirs[0].item():.6g}, last {theirs[-1].item():.6g}) "
                 f"does not match the schedule built for it ({ours_desc}: first {ours[0].item():.6g}, "
                 f"last {ours[-1].item():.6g}); max relative difference {err:.3g}. The model was trained "
-                "with another noise schedule: pass config=... with the right diffusion section"
+                "with another noise schedule: pass config=... (the tools: --config) with the right diffusion section"
             )
         checked.append(name)
     return f"file's {' and '.join(checked)} match the schedule" if checked else None
@@ -147,12 +148,12 @@ def read_single_file(
     noise-schedule buffers are checked against the schedule we build; EMA copies of the U-Net
     (`model_ema.*`) replace its weights with `use_ema=True` and are otherwise left unread; the HF
     CLIP `position_ids` and training-only VAE loss weights (`first_stage_model.loss.*`) are dropped;
-    anything else is an error naming it. `config` (a Config or YAML path) replaces detection. The
-    returned state's `report` says what was detected and done (`LDMPipeline.from_single_file`
-    logs it and keeps it as `pipe.load_report`).
+    anything else is an error naming it. Older key layouts are renamed first (`layouts`). `config`
+    (a Config or YAML path) replaces detection. The returned state's `report` says what was
+    detected and done (`LDMPipeline.from_single_file` logs it and keeps it as `pipe.load_report`).
     """
     path = Path(path)
-    state = read_checkpoint(path, trust_pickle=trust_pickle)
+    state, layout_notes = standard_layout(read_checkpoint(path, trust_pickle=trust_pickle))
     if config is not None:
         cfg = copy.deepcopy(config) if isinstance(config, Config) else load_config(config)
         if prediction_type is not None:
@@ -163,7 +164,7 @@ def read_single_file(
         model_cfg, report = detect_config(state, prediction_type=prediction_type)
         size = 768 if model_cfg.diffusion.prediction_type == "v" else 512
         cfg = Config(model=model_cfg, sample=SampleConfig(height=size, width=size))
-    lines = [f"{path.name}: {len(state)} tensors", report]
+    lines = [f"{path.name}: {len(state)} tensors", report, *layout_notes]
 
     s = _sort_tensors(state)
     del state

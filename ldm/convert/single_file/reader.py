@@ -18,6 +18,7 @@ from typing import Mapping
 import torch
 from torch import Tensor
 
+from ...checkpoint import file_kind
 from ...errors import CheckpointError
 
 log = logging.getLogger(__name__)
@@ -42,16 +43,16 @@ def read_checkpoint(path: str | Path, *, trust_pickle: bool = False) -> dict[str
             f"{path} is a directory; pass a single .safetensors or .ckpt file "
             "(a diffusers folder loads with LDMPipeline.from_diffusers)"
         )
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        head = f.read(16)
-    kind = _sniff(head, size)
+    kind = file_kind(path)
     if kind == "safetensors":
         tensors = _read_safetensors(path)
     elif kind in ("zip", "pickle"):
         obj = _read_pickle(path, legacy=kind == "pickle", trust=trust_pickle)
         tensors = _unwrap_state_dict(obj, path)
     else:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
         raise CheckpointError(
             f"{path} is not a checkpoint: {size} bytes starting with {head[:8]!r} match neither a "
             ".safetensors header nor a PyTorch pickle (zip or legacy); it may be truncated, "
@@ -60,18 +61,6 @@ def read_checkpoint(path: str | Path, *, trust_pickle: bool = False) -> dict[str
     if not tensors:
         raise CheckpointError(f"{path} holds no tensors")
     return tensors
-
-
-def _sniff(head: bytes, size: int) -> str:
-    if head.startswith(b"PK\x03\x04"):
-        return "zip"
-    if head[:1] == b"\x80" and len(head) > 1 and 2 <= head[1] <= 5:
-        return "pickle"  # protocol marker of a legacy (pre-zip) torch.save
-    if len(head) >= 9:
-        header_len = int.from_bytes(head[:8], "little")
-        if 0 < header_len <= size - 8 and head[8:9] == b"{":
-            return "safetensors"
-    return "unknown"
 
 
 def _read_safetensors(path: Path) -> dict[str, Tensor]:
