@@ -79,6 +79,8 @@ def add_sampling_args(parser: argparse.ArgumentParser, *, out: str) -> None:
                         help=f"noise scale of the stochastic samplers {', '.join(sorted(STOCHASTIC_SAMPLERS))} "
                              "(ddim: default 0 = deterministic; the others: default 1)")
     parser.add_argument("--guidance-rescale", type=float, default=0.0, help="CFG rescale factor in [0, 1]")
+    parser.add_argument("--no-prompt-weighting", dest="prompt_weighting", action="store_false",
+                        help="take the prompt literally: no (word:1.3) / [word] weights, no BREAK")
     parser.add_argument("--seed", type=int, default=None,
                         help="seed of the first image; image k uses seed + k (default: random)")
     parser.add_argument("--n", dest="num_images", type=int, default=1, metavar="N", help="number of images (default 1)")

@@ -228,6 +228,8 @@ class TextEncoder(nn.Module):
                 f"vocabulary its tokenizer emits (got {cfg.vocab_size})"
             )
         self.cfg = cfg
+        # textual-inversion words -> their ids (from cfg.vocab_size on; see ldm.models.textual_inversion)
+        self.added_tokens: dict[str, list[int]] = {}
         if cfg.kind == "hf_clip":
             self.transformer = _build_hf_clip(cfg)
         else:
@@ -262,7 +264,9 @@ class TextEncoder(nn.Module):
         was cut to fit the context length."""
         if isinstance(prompts, str):
             prompts = [prompts]
-        tokens, dropped = self.tokenizer(list(prompts), self.cfg.context_length, pad_id=self.pad_id)
+        tokens, dropped = self.tokenizer(
+            list(prompts), self.cfg.context_length, pad_id=self.pad_id, added=self.added_tokens
+        )
         cut = [(i, n) for i, n in enumerate(dropped) if n]
         if cut:
             detail = ", ".join(f"prompt {i}: {n} token{'s' if n > 1 else ''} dropped" for i, n in cut)
