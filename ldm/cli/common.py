@@ -16,6 +16,7 @@ from ..images import make_grid, save_png
 from ..models.attention import ATTENTION_BACKENDS
 from ..options import SamplingOptions
 from ..pipeline import LDMPipeline
+from .adapters import add_adapter_args, apply_adapters
 
 # Bad input (configs, checkpoints, arguments) raises these; ConfigError and CheckpointError are ValueErrors.
 USER_ERRORS = (ValueError, ImportError)
@@ -47,6 +48,7 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
                        help="weights dtype (default: fp16 on GPUs, fp32 on CPU)")
     group.add_argument("--attention", default="sdpa", choices=ATTENTION_BACKENDS,
                        help="attention backend (default sdpa; xformers needs `pip install xformers`)")
+    add_adapter_args(group)  # --lora, --embedding
 
 
 def _checked(parse: Callable[[str], object]) -> Callable[[str], str]:
@@ -106,6 +108,7 @@ def load_pipeline(args: argparse.Namespace) -> LDMPipeline:
         print(f"note: {args.config} is built with random weights; expect noise-like images until it is trained",
               file=sys.stderr)
         pipe = LDMPipeline.from_config(args.config, args.overrides, device=device, dtype=dtype)
+    apply_adapters(pipe, args)
     return pipe.set_attention_backend(args.attention)
 
 

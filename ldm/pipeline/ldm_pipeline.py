@@ -22,20 +22,23 @@ from ..diffusion import Schedule, sigmas_from_schedule
 from ..diffusion.blending import KnownRegionDenoiser
 from ..images import ImageInput, load_image, load_mask
 from ..models.attention import set_attention_backend
+from ..models.lora import LoRAStack
 from ..models.prompt_encoder import encode_prompts
 from ..models.text import TextEncoder
 from ..models.unet import UNet
 from ..models.vae import AutoencoderKL
 from ..options import check_negatives, check_prompts
 from ..speed import FastUNet, FastVAE, SpeedConfig, optimize_unet, optimize_vae, speed_config
+from .adapters import AdapterMethods
 from .loading import Loading
 from .stages import Generators, Stages, StepCallback
 
 
-class LDMPipeline(Loading, Stages):
+class LDMPipeline(Loading, Stages, AdapterMethods):
     """A latent text-to-image diffusion model: VAE, U-Net, text encoder and noise schedule.
 
     Build it from components, from a config (random weights), or from a saved model file.
+    LoRAs and textual-inversion embeddings load onto it (`adapters.py`).
     The sampling keywords of `generate`, `img2img` and `inpaint` (steps, cfg, sampler, seed,
     num_images, spacing, eta, guidance_rescale, and height/width for generate) are the fields of
     `ldm.options.SamplingOptions`; None takes the model's default (`pipe.defaults`).
@@ -65,6 +68,7 @@ class LDMPipeline(Loading, Stages):
         # what sampling, encoding and decoding call: the plain networks until `optimize`
         self.speed = SpeedConfig()
         self.fast_unet, self.fast_vae = FastUNet(unet, self.speed), FastVAE(vae, self.speed)
+        self.loras = LoRAStack({"unet": unet, "text_encoder": text_encoder})
 
     @property
     def config(self) -> Config:
@@ -88,6 +92,7 @@ class LDMPipeline(Loading, Stages):
         dtype = parse_dtype(dtype) if dtype is not None else None
         for module in self.modules.values():
             module.to(device=device, dtype=dtype)
+        self.loras.to(device, dtype)
         return self
 
     def optimize(self, config: SpeedConfig | None = None, **switches: Any) -> LDMPipeline:
@@ -99,7 +104,8 @@ class LDMPipeline(Loading, Stages):
         unchanged. Call it after `to()` when using cuda_graphs (see `ldm.speed`).
         """
         speed = speed_config(config, **switches)
-        self.fast_unet = optimize_unet(self.unet, speed)
+        with self.loras.detached():  # LoRA hooks move to the rebuilt projections
+            self.fast_unet = optimize_unet(self.unet, speed)
         self.fast_vae = optimize_vae(self.vae, speed)
         self.speed = speed
         return self
