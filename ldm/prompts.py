@@ -20,7 +20,9 @@ with a `PromptSyntaxError` that names the spot and the fix, instead of guessing:
   `(cat: 1.2)` (A1111 keeps `cat:abc` as text at x 1.1), and a number it cannot read (`(cat:1.2.3)`,
   which stops A1111 with an error); a literal colon there is written `\\:`;
 - A1111's other prompt features, which this parser does not implement: prompt editing
-  `[from:to:when]`, alternation `[a|b]` and composable prompts (`AND` in upper case).
+  `[from:to:when]`, alternation `[a|b]`, composable prompts (`AND` in upper case) and
+  extra-network tags (`<lora:name:0.8>`, `<hypernet:...>`: a LoRA is loaded with `--lora FILE:0.8`
+  or `pipe.load_lora(FILE, 0.8)`, not named in the prompt).
 
 One deliberate difference: BREAK inside brackets starts a new chunk like anywhere else (A1111
 turns it into the word "break" with a negative weight).
@@ -53,6 +55,7 @@ _TOKEN = re.compile(
 )
 _BREAK = re.compile(r"\s*\bBREAK\b\s*")
 _AND = re.compile(r"\bAND\b")
+_EXTRA_NETWORK = re.compile(r"<(?P<kind>lora|lyco|hypernet):(?P<args>[^<>]*)>")
 _BREAK_MARK = object()  # a BREAK in the list of pieces
 
 
@@ -76,6 +79,9 @@ def parse_prompt(prompt: str) -> list[Section]:
     """
     if not isinstance(prompt, str):
         raise TypeError(f"a prompt must be a string (got {type(prompt).__name__})")
+    tag = _EXTRA_NETWORK.search(prompt)
+    if tag:
+        raise _extra_network_error(prompt, tag)
     pieces: list = []  # [text, weight] lists and _BREAK_MARKs, in order
     opened: list[tuple[str, int, int]] = []  # (bracket, index into pieces, position in prompt)
 
@@ -145,6 +151,15 @@ def parse_prompt(prompt: str) -> list[Section]:
         raise _error(prompt, at, f"{kind!r} is never closed",
                      f"close it with {closing!r}, or write \\{kind} for the character itself")
     return _sections(pieces)
+
+
+def _extra_network_error(prompt: str, tag: re.Match) -> PromptSyntaxError:
+    if tag.group("kind") == "hypernet":
+        return _error(prompt, tag.start(), f"hypernetworks ({tag.group(0)}) are not supported", "remove the tag")
+    name, _, scale = tag.group("args").partition(":")
+    spec = f"{name}.safetensors" + (f":{scale}" if scale else "")
+    return _error(prompt, tag.start(), f"LoRA tags such as {tag.group(0)} are not read from prompts",
+                  f"load the LoRA with --lora {spec} (pipe.load_lora) and remove the tag")
 
 
 def _sections(pieces: list) -> list[Section]:

@@ -69,6 +69,11 @@ def test_break_splits_sections():
         ("[cat:dog:0.5]", r"prompt editing \[from:to:when\] is not supported"),
         ("[cat|dog]", r"alternation \[a\|b\] is not supported"),
         ("a cat AND a dog", r"composable prompts \(AND\) are not supported at character 6"),
+        ("a cat <lora:paper_cut:0.8>", r"LoRA tags such as <lora:paper_cut:0.8> are not read from prompts at "
+                                       r"character 6; load the LoRA with --lora paper_cut.safetensors:0.8 "
+                                       r"\(pipe.load_lora\) and remove the tag"),
+        ("<lyco:x> cat", r"--lora x.safetensors \(pipe.load_lora\)"),
+        ("<hypernet:h:1>", r"hypernetworks \(<hypernet:h:1>\) are not supported"),
     ],
 )
 def test_malformed_prompts_are_refused_naming_the_spot_and_fix(prompt, message):
