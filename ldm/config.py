@@ -306,6 +306,31 @@ class DataConfig:
 
 
 @dataclass
+class LoRATrainConfig:
+    """`train.lora`: train LoRA adapters on a frozen base model (`train.init_from`) instead of the
+    model itself, and export them as a kohya-layout LoRA file (ldm/train/lora_trainer.py). rank 0: off."""
+
+    rank: int = 0  # the adapters' rank; 4-32 is typical
+    alpha: float | None = None  # the update is scaled by alpha / rank; None: alpha = rank (scale 1)
+    # U-Net layers to adapt: "transformer" (attention blocks: projections, attention, feed-forward;
+    # kohya's default), "attention" (to_q, to_k, to_v, to_out), "resnet" (LoCon: convolutions of the
+    # residual blocks and resamplers), "all", or a regular expression searched in diffusers-style
+    # names (e.g. attn2\.to_[kv] for the cross-attention keys and values).
+    targets: tuple[str, ...] = ("transformer",)
+    text_encoder: bool = False  # also adapt the text encoder's attention and MLP layers (at train.text_encoder_lr)
+    output_dir: str = ""  # where the run and its LoRA file go; empty: <train.output_dir>/lora
+
+    def validate(self) -> None:
+        if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 0:
+            raise ConfigError(f"train.lora.rank must be an integer >= 1, or 0 for no LoRA (got {self.rank!r})")
+        if self.alpha is not None and not self.alpha > 0:
+            raise ConfigError(f"train.lora.alpha must be > 0, or null for alpha = rank (got {self.alpha})")
+        if self.rank and not self.targets:
+            raise ConfigError("train.lora.targets is empty; name at least one group (transformer, attention, "
+                              "resnet, all) or pattern")
+
+
+@dataclass
 class TrainConfig:
     """Optimisation and bookkeeping, shared by the VAE (stage 1) and LDM (stage 2) trainers."""
 
@@ -343,6 +368,7 @@ class TrainConfig:
     log_with: str = "tensorboard"  # "tensorboard" | "wandb" | "none"
     channels_last: bool = False  # LDM training: U-Net weights and activations in torch.channels_last (faster on GPUs)
     compile: str | None = None  # LDM training: torch.compile mode for the U-Net (one of COMPILE_MODES); None: eager
+    lora: LoRATrainConfig = field(default_factory=LoRATrainConfig)  # LDM training: LoRA adapters instead
 
     def validate(self) -> None:
         if self.compile is not None and self.compile not in COMPILE_MODES:
@@ -371,6 +397,7 @@ class TrainConfig:
             raise ConfigError(f"train.timestep_shift must be > 0, 1 for uniform timesteps (got {self.timestep_shift})")
         if self.log_with not in ("tensorboard", "wandb", "none"):
             raise ConfigError(f"train.log_with must be tensorboard, wandb or none (got {self.log_with!r})")
+        self.lora.validate()
 
 
 @dataclass

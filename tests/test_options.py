@@ -57,7 +57,8 @@ def test_image_info_records_one_image_without_unset_fields():
     one = SamplingOptions(prompt="x", negative_prompt="", seed=4, steps=3, cfg=2.0, sampler="ddim", spacing="trailing",
                           height=32, width=32)
     assert one.image_info() == {"prompt": "x", "negative_prompt": "", "steps": 3, "cfg": 2.0, "sampler": "ddim",
-                                "spacing": "trailing", "guidance_rescale": 0.0, "seed": 4, "height": 32, "width": 32}
+                                "spacing": "trailing", "guidance_rescale": 0.0, "prompt_weighting": True, "seed": 4,
+                                "height": 32, "width": 32}
     assert SamplingOptions(prompt="x").image_info()["seed"] is None  # generators instead of a seed
 
 

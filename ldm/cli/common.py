@@ -18,6 +18,7 @@ from ..models.attention import ATTENTION_BACKENDS
 from ..options import SamplingOptions
 from ..pipeline import LDMPipeline
 from ..png_settings import png_text
+from .adapters import add_adapter_args
 from .checks import check_image_tool_inputs, check_memory
 from .model_choice import CHECKPOINT_ENV, DEFAULT_CHECKPOINT, load_pipeline
 from .reproduce import add_from_png_arg, apply_png_settings, check_model, parse_noting_given, recorded_model
@@ -67,6 +68,7 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--allow-nan", action="store_true",
                        help="write images even when a network produces NaN/Inf (a warning instead of an error; "
                             "for debugging a model)")
+    add_adapter_args(group)  # --lora, --embedding
 
 
 def _checked(parse: Callable[[str], object]) -> Callable[[str], str]:
@@ -99,6 +101,8 @@ def add_sampling_args(parser: argparse.ArgumentParser, *, out: str) -> None:
                         help=f"noise scale of the stochastic samplers {', '.join(sorted(STOCHASTIC_SAMPLERS))} "
                              "(ddim: default 0 = deterministic; the others: default 1)")
     parser.add_argument("--guidance-rescale", type=float, default=0.0, help="CFG rescale factor in [0, 1]")
+    parser.add_argument("--no-prompt-weighting", dest="prompt_weighting", action="store_false",
+                        help="take the prompt literally: no (word:1.3) / [word] weights, no BREAK")
     parser.add_argument("--seed", type=int, default=None,
                         help="seed of the first image; image k uses seed + k (default: random)")
     parser.add_argument("--n", dest="num_images", type=int, default=1, metavar="N", help="number of images (default 1)")

@@ -17,6 +17,7 @@ from typing import Any, Mapping
 from ..config import load_config
 from ..devices import pick_device, pick_dtype
 from ..pipeline import LDMPipeline
+from .adapters import apply_adapters
 
 CHECKPOINT_ENV = "LDM_CHECKPOINT"
 # What `python tools/train_ldm.py configs/sd_tiny.yaml` writes (the README's quickstart).
@@ -121,4 +122,5 @@ def load_pipeline(args: argparse.Namespace, recorded: Mapping[str, Any] | None =
         if choice.vae:
             pipe.load_vae(choice.vae)
     pipe.allow_nan = getattr(args, "allow_nan", False)
+    apply_adapters(pipe, args)  # --lora, --embedding
     return pipe.set_attention_backend(args.attention)

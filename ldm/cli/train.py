@@ -11,6 +11,12 @@ When `train.vae_checkpoint` does not exist yet, stage 1 runs first with `train.v
 data stage 2 reads (`data.*` keys carry over unless the VAE config sets them; see docs/training.md).
 
     python tools/train_ldm.py configs/sd_tiny.yaml data.source=folder data.urls=my_images/   # your own images
+
+With `train.lora.rank`, LoRA adapters train on the base model `train.init_from` instead (no stage 1),
+and the run exports a LoRA file (docs/lora.md):
+
+    python tools/train_ldm.py configs/sd_tiny.yaml train.lora.rank=8 train.init_from=runs/sd_tiny/model.safetensors \
+        data.source=folder data.urls=my_images/          # -> runs/sd_tiny/lora/lora.safetensors
 """
 
 from __future__ import annotations
@@ -33,11 +39,12 @@ def main(argv: list[str] | None = None) -> int:
                         resume_with_changes=args.resume_with_changes)
     if path is None:  # interrupted: the state is saved
         return 130
-    print(f"model: {path}")
     prompt = cfg.train.sample_prompts[0] if cfg.train.sample_prompts else (
         "a large red circle in the center on a white background" if cfg.data.source == "shapes"
         else "a caption like those of your images")
-    print(f"try:   python tools/txt2img.py --ckpt {path} --prompt \"{prompt}\"")
+    model = f"--ckpt {cfg.train.init_from} --lora {path}" if cfg.train.lora.rank else f"--ckpt {path}"
+    print(f"{'LoRA' if cfg.train.lora.rank else 'model'}: {path}")
+    print(f"try:   python tools/txt2img.py {model} --prompt \"{prompt}\"")
     return 0
 
 

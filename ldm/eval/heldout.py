@@ -37,7 +37,7 @@ def heldout_loss(
         else:
             images = torch.stack([it["image"] for it in chunk]).to(device, dtype)
             z = pipe.vae.encode(images).mean.float() * pipe.vae.scaling_factor
-        context = pipe.encode_prompt([it["caption"] for it in chunk])
+        context = pipe.text_encoder([it["caption"] for it in chunk]).to(dtype)  # as training encodes captions
         for t in timesteps:
             g = torch.Generator().manual_seed(seed * 1000 + t + start)
             noise = torch.randn(z.shape, generator=g).to(device)

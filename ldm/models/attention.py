@@ -101,7 +101,7 @@ class CrossAttention(AttentionLayer):
         k, v from the context with one Linear whose weight stacks theirs along the output dim."""
         if self.fused is not None:
             return
-        names = _FUSED_NAMES["qkv" if self_attention else "kv"]
+        names = FUSED_NAMES["qkv" if self_attention else "kv"]
         layers = [getattr(self, n) for n in names]
         if self_attention and self.to_q.in_features != self.to_k.in_features:
             raise ValueError(
@@ -123,7 +123,7 @@ class CrossAttention(AttentionLayer):
             return
         fused = getattr(self, "to_" + self.fused)
         delattr(self, "to_" + self.fused)
-        names = _FUSED_NAMES[self.fused]
+        names = FUSED_NAMES[self.fused]
         for n, w in zip(names, fused.weight.detach().chunk(len(names))):
             layer = nn.Linear(w.shape[1], w.shape[0], bias=False, device=w.device, dtype=w.dtype)
             layer.weight = nn.Parameter(w.clone(), requires_grad=fused.weight.requires_grad)
@@ -152,7 +152,8 @@ class CrossAttention(AttentionLayer):
         return self.to_out(out)
 
 
-_FUSED_NAMES = {"qkv": ("to_q", "to_k", "to_v"), "kv": ("to_k", "to_v")}
+# the projections a fused layer holds, in the order of its rows
+FUSED_NAMES = {"qkv": ("to_q", "to_k", "to_v"), "kv": ("to_k", "to_v")}
 
 
 def _split_fused_weight(module: CrossAttention, state: dict[str, torch.Tensor], prefix: str, _meta: dict) -> None:
@@ -161,7 +162,7 @@ def _split_fused_weight(module: CrossAttention, state: dict[str, torch.Tensor], 
         return
     own = {k: state.pop(k) for k in [k for k in state if k.startswith(prefix)]}
     fused = own.pop(f"{prefix}to_{module.fused}.weight")
-    names = _FUSED_NAMES[module.fused]
+    names = FUSED_NAMES[module.fused]
     split = {f"{prefix}{n}.weight": w for n, w in zip(names, fused.chunk(len(names)))}
     for name in ("to_q", "to_k", "to_v"):
         key = f"{prefix}{name}.weight"
@@ -173,7 +174,7 @@ def _join_fused_weight(module: CrossAttention, state: dict[str, torch.Tensor], p
     """load_state_dict pre-hook: stack separate to_q/to_k/to_v weights into the fused one."""
     if module.fused is None:
         return
-    keys = [f"{prefix}{n}.weight" for n in _FUSED_NAMES[module.fused]]
+    keys = [f"{prefix}{n}.weight" for n in FUSED_NAMES[module.fused]]
     if all(k in state for k in keys):
         state[f"{prefix}to_{module.fused}.weight"] = torch.cat([state.pop(k) for k in keys])
 

@@ -22,20 +22,24 @@ from ..diffusion import Schedule, sigmas_from_schedule
 from ..diffusion.blending import KnownRegionDenoiser
 from ..images import ImageInput, load_image, load_mask
 from ..models.attention import set_attention_backend
+from ..models.lora import LoRAStack
+from ..models.prompt_encoder import encode_prompts
 from ..models.text import TextEncoder
 from ..models.unet import UNet
 from ..models.vae import AutoencoderKL
 from ..options import check_negatives, check_prompts
 from ..png_settings import settings_from_png
 from ..speed import FastUNet, FastVAE, SpeedConfig, optimize_unet, optimize_vae, speed_config
+from .adapters import AdapterMethods
 from .loading import Loading
 from .stages import Generators, Stages, StepCallback
 
 
-class LDMPipeline(Loading, Stages):
+class LDMPipeline(Loading, Stages, AdapterMethods):
     """A latent text-to-image diffusion model: VAE, U-Net, text encoder and noise schedule.
 
     Build it from components, from a config (random weights), or from a saved model file.
+    LoRAs and textual-inversion embeddings load onto it (`adapters.py`).
     The sampling keywords of `generate`, `img2img` and `inpaint` (steps, cfg, sampler, seed,
     num_images, spacing, eta, guidance_rescale, and height/width for generate) are the fields of
     `ldm.options.SamplingOptions`; None takes the model's default (`pipe.defaults`).
@@ -65,6 +69,7 @@ class LDMPipeline(Loading, Stages):
         # what sampling, encoding and decoding call: the plain networks until `optimize`
         self.speed = SpeedConfig()
         self.fast_unet, self.fast_vae = FastUNet(unet, self.speed), FastVAE(vae, self.speed)
+        self.loras = LoRAStack({"unet": unet, "text_encoder": text_encoder})
 
     @property
     def config(self) -> Config:
@@ -88,6 +93,7 @@ class LDMPipeline(Loading, Stages):
         dtype = parse_dtype(dtype) if dtype is not None else None
         for module in self.modules.values():
             module.to(device=device, dtype=dtype)
+        self.loras.to(device, dtype)
         return self
 
     def optimize(self, config: SpeedConfig | None = None, **switches: Any) -> LDMPipeline:
@@ -99,7 +105,8 @@ class LDMPipeline(Loading, Stages):
         unchanged. Call it after `to()` when using cuda_graphs (see `ldm.speed`).
         """
         speed = speed_config(config, **switches)
-        self.fast_unet = optimize_unet(self.unet, speed)
+        with self.loras.detached():  # LoRA hooks move to the rebuilt projections
+            self.fast_unet = optimize_unet(self.unet, speed)
         self.fast_vae = optimize_vae(self.vae, speed)
         self.speed = speed
         return self
@@ -133,10 +140,13 @@ class LDMPipeline(Loading, Stages):
         """Generate `num_images` images per prompt.
 
         `options`: steps, cfg, sampler, seed, height, width, num_images, spacing, eta,
-        guidance_rescale (see `SamplingOptions`). Image k of the batch (prompt-major order) is seeded
-        with `seed + k`, so it equals a single-image run with that seed. Returns PIL images (with
-        prompt, seed and settings in `image.info`) or, with `output_type="tensor"`, a (B, 3, H, W)
-        tensor in [0, 1].
+        guidance_rescale, prompt_weighting (see `SamplingOptions`). Prompts use A1111's syntax
+        (`(word:1.3)`, `[word]`, BREAK; see `ldm.prompts`) unless `prompt_weighting=False`, and may be
+        longer than the text encoder's context (encoded in chunks). Image k of the batch
+        (prompt-major order) is seeded with `seed + k`, so it equals a single-image run with that
+        seed (for prompts of one chunk count: shorter prompts of a batch are padded with empty
+        chunks). Returns PIL images (with prompt, seed and settings in `image.info`) or, with
+        `output_type="tensor"`, a (B, 3, H, W) tensor in [0, 1].
         """
         # 1. check inputs: every mistake is reported before any work is done
         opts = self._options("generate", options, output_type, prompt=prompt, negative_prompt=negative_prompt)
@@ -148,7 +158,7 @@ class LDMPipeline(Loading, Stages):
         generators, seeds = self._generators(opts.seed, generator, len(prompts) * opts.num_images)
 
         # 2. encode prompts: [p0 x num_images, p1 x num_images, ...]
-        cond, uncond = self._encode_conditions(prompts, negatives, opts.num_images)
+        cond, uncond = self._encode_conditions(prompts, negatives, opts)
 
         # 3. initial noise, drawn per image from its own CPU generator so results match across devices
         x = self._initial_noise(generators, opts.height, opts.width) * sigmas[0]
@@ -198,7 +208,7 @@ class LDMPipeline(Loading, Stages):
         generators, seeds = self._generators(opts.seed, generator, len(prompts) * opts.num_images)
 
         # 2. encode prompts
-        cond, uncond = self._encode_conditions(prompts, negatives, opts.num_images)
+        cond, uncond = self._encode_conditions(prompts, negatives, opts)
 
         # 3. encode the image and noise it to the starting sigma
         z0 = self.encode_image(pixels).repeat_interleave(opts.num_images, dim=0)  # (B, C, h, w)
@@ -255,7 +265,7 @@ class LDMPipeline(Loading, Stages):
         generators, seeds = self._generators(opts.seed, generator, len(prompts) * opts.num_images)
 
         # 2. encode prompts
-        cond, uncond = self._encode_conditions(prompts, negatives, opts.num_images)
+        cond, uncond = self._encode_conditions(prompts, negatives, opts)
 
         # 3. latents of the image, the latent mask, the masked image; the starting point
         n = opts.num_images
@@ -293,9 +303,11 @@ class LDMPipeline(Loading, Stages):
     # ------------------------------------------------------------------------------------------
 
     @torch.inference_mode()
-    def encode_prompt(self, prompts: list[str]) -> torch.Tensor:
-        """(B, L, D) text hidden states in the U-Net's dtype."""
-        return self.text_encoder(prompts).to(self.dtype)
+    def encode_prompt(self, prompts: list[str], *, weighting: bool = True) -> torch.Tensor:
+        """(B, L, D) text hidden states in the U-Net's dtype: A1111's prompt syntax unless
+        `weighting=False`, and L a multiple of the context length for long prompts
+        (`ldm.models.prompt_encoder`)."""
+        return encode_prompts(self.text_encoder, prompts, weighting=weighting).to(self.dtype)
 
     @torch.inference_mode()
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:

@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 from ..diffusion import SAMPLERS, CFGDenoiser, Denoiser, randn_like, sigmas_from_schedule
 from ..errors import NonFiniteError
 from ..images import to_pil
+from ..models.prompt_encoder import encode_pair
 from ..options import SamplingOptions
 from .source import ModelSource
 
@@ -119,12 +120,14 @@ class Stages:
     # ------------------------------------------------------------------------------------------
 
     def _encode_conditions(
-        self, prompts: list[str], negatives: list[str], num_images: int
+        self, prompts: list[str], negatives: list[str], opts: SamplingOptions
     ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-        """cond and uncond keyword arguments for CFGDenoiser, in batch order [p0 x n, p1 x n, ...]."""
-        cond = {"context": self.encode_prompt(prompts).repeat_interleave(num_images, dim=0)}
-        uncond = {"context": self.encode_prompt(negatives).repeat_interleave(num_images, dim=0)}
-        return cond, uncond
+        """cond and uncond keyword arguments for CFGDenoiser, in batch order [p0 x n, p1 x n, ...],
+        padded to the same number of chunks (`ldm.models.prompt_encoder`)."""
+        cond, uncond = encode_pair(self.text_encoder, prompts, negatives, weighting=opts.prompt_weighting)
+        n = opts.num_images
+        return ({"context": cond.to(self.dtype).repeat_interleave(n, dim=0)},
+                {"context": uncond.to(self.dtype).repeat_interleave(n, dim=0)})
 
     def _initial_noise(self, generators: list[torch.Generator], height: int, width: int) -> torch.Tensor:
         """(B, C, h, w) standard normal latents, row k from generator k (on the CPU for generators

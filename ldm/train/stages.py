@@ -1,5 +1,6 @@
 """Both stages from one config: stage 1 trains the VAE when `train.vae_checkpoint` is missing, on
-the data stage 2 reads, then stage 2 trains the latent diffusion model on it.
+the data stage 2 reads, then stage 2 trains the latent diffusion model on it (or, with
+`train.lora.rank`, LoRA adapters on the base model `train.init_from`, which needs no stage 1).
 
 Which data stage 1 reads: the VAE config (`train.vae_config`) with the stage-2 run's `data`
 carried over, except the `data` keys the VAE config file sets itself (and `caption_dropout`, which
@@ -69,11 +70,14 @@ def train_stages(cfg: Config, overrides: Sequence[str] = (), *, resume: bool = F
     stage 2 that starts after stage 1 finished in this call starts fresh. `overwrite` and
     `resume_with_changes` apply to each stage as `ldm.train.folder` says."""
     from .ldm_trainer import LDMTrainer
+    from .lora_trainer import LoRATrainer
     from .vae_trainer import VAETrainer
 
     check_data(cfg.data)  # bad data fails now, not after stage 1
-    vae_path = Path(cfg.train.vae_checkpoint)
     options = {"overwrite": overwrite, "resume_with_changes": resume_with_changes}
+    if cfg.train.lora.rank:  # adapters on a whole base model, whose VAE it brings: no stage 1
+        return _finished(LoRATrainer(cfg, resume=resume, **options))
+    vae_path = Path(cfg.train.vae_checkpoint)
     if not vae_path.is_file():
         vae_cfg = stage1_config(cfg, overrides)
         stage1_target(cfg, vae_cfg)
@@ -91,6 +95,10 @@ def train_stages(cfg: Config, overrides: Sequence[str] = (), *, resume: bool = F
             return None
         resume = False  # stage 2 has not started yet
     log(f"stage 2: latent diffusion on the VAE {vae_path}")
-    trainer = LDMTrainer(cfg, resume=resume, **options)
+    return _finished(LDMTrainer(cfg, resume=resume, **options))
+
+
+def _finished(trainer) -> Path | None:
+    """Train; the export's path, or None when stopped early."""
     path = trainer.train()
-    return path if trainer.step >= cfg.train.steps else None
+    return path if trainer.step >= trainer.cfg.train.steps else None

@@ -63,6 +63,43 @@ def read_checkpoint(path: str | Path, *, trust_pickle: bool = False) -> dict[str
     return tensors
 
 
+def read_weights_file(path: str | Path, *, what: str, trust_pickle: bool = False,
+                      fix: str = "") -> tuple[object, dict[str, str]]:
+    """(content, metadata) of a small weights file (a LoRA, an embedding): a `.safetensors` file's
+    tensors and its metadata, or what a pickle holds (read weights-only unless trusted) and {}.
+    `what` names the kind of file in errors; `fix` says how to open a pickle that holds more."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{what} not found: {path}" if not path.exists() else f"{path} is not a {what} file")
+    with open(path, "rb") as f:
+        head = f.read(16)
+    kind = _sniff(head, path.stat().st_size)
+    if kind == "safetensors":
+        from safetensors import safe_open
+
+        tensors = _read_safetensors(path)
+        with safe_open(str(path), framework="pt") as f:
+            return tensors, dict(f.metadata() or {})
+    if kind in ("zip", "pickle"):
+        return _read_pickle(path, legacy=kind == "pickle", trust=trust_pickle, fix=fix), {}
+    raise CheckpointError(
+        f"{path} is not a {what} file: it is neither .safetensors nor a PyTorch pickle (it may be "
+        "truncated, or an HTML page saved by a failed download)"
+    )
+
+
+def _sniff(head: bytes, size: int) -> str:
+    if head.startswith(b"PK\x03\x04"):
+        return "zip"
+    if head[:1] == b"\x80" and len(head) > 1 and 2 <= head[1] <= 5:
+        return "pickle"  # protocol marker of a legacy (pre-zip) torch.save
+    if len(head) >= 9:
+        header_len = int.from_bytes(head[:8], "little")
+        if 0 < header_len <= size - 8 and head[8:9] == b"{":
+            return "safetensors"
+    return "unknown"
+
+
 def _read_safetensors(path: Path) -> dict[str, Tensor]:
     from safetensors import SafetensorError, safe_open
 
@@ -77,7 +114,7 @@ def _read_safetensors(path: Path) -> dict[str, Tensor]:
         ) from None
 
 
-def _read_pickle(path: Path, *, legacy: bool, trust: bool) -> object:
+def _read_pickle(path: Path, *, legacy: bool, trust: bool, fix: str = "") -> object:
     if trust:
         return _read_trusted_pickle(path)
     try:
@@ -96,12 +133,14 @@ def _read_pickle(path: Path, *, legacy: bool, trust: bool) -> object:
         found = re.search(r"[Uu]nsupported (?:global: )?GLOBAL ([\w.]+)", str(e))
         what = f" (it holds an object of type {found.group(1)})" if found else ""
         out = path.with_suffix(".safetensors")
-        raise CheckpointError(
-            f"{path} is a pickle that holds more than tensors{what}, so it was not opened: "
-            "unpickling such a file can run arbitrary code on this machine. Only if you trust "
-            "its source, convert it once to a safe .safetensors file:\n"
+        fix = fix or (
+            "convert it once to a safe .safetensors file:\n"
             f"  {CONVERT_HINT.format(path=path, out=out)}\n"
             "and load the .safetensors file from then on."
+        )
+        raise CheckpointError(
+            f"{path} is a pickle that holds more than tensors{what}, so it was not opened: "
+            f"unpickling such a file can run arbitrary code on this machine. Only if you trust its source, {fix}"
         ) from None
     except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as e:
         raise CheckpointError(
