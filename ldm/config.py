@@ -48,8 +48,14 @@ class UNetConfig:
     norm_groups: int = 32
     dropout: float = 0.0
     gradient_checkpointing: bool = False
+    # > 0: every SpatialTransformer adds a learned projection of this many Fourier frequencies of
+    # each pixel's (y, x) to its tokens (ldm.models.attention.FourierPositions), so that words like
+    # "top left" can reach the right pixels. 0: none, the original SD layout (its checkpoints need 0).
+    position_embedding_freqs: int = 0
 
     def validate(self) -> None:
+        if self.position_embedding_freqs < 0:
+            raise ConfigError(f"unet: position_embedding_freqs must be >= 0 (got {self.position_embedding_freqs}); 0 turns it off")
         if (self.num_heads is None) == (self.num_head_channels is None):
             raise ConfigError(
                 "unet: set exactly one of num_heads (heads by count, SD 1.x uses 8) and "
@@ -250,6 +256,9 @@ class DataConfig:
     resolution: int = 64
     caption_dropout: float = 0.1  # fraction of captions replaced by "" so the model learns p(x) for CFG
     shapes_max_objects: int = 1
+    # "seen": training never shows the attribute pairs of ldm.data.shapes.HELDOUT_PAIRS, so that
+    # ldm-eval's "unseen" captions test composition; "all": every combination.
+    shapes_combinations: str = "all"
     shuffle_buffer: int = 1000
     num_workers: int = 2
     epoch_length: int = 1000  # folder/shards/latents: batches per rank per pass (equal on every rank)
@@ -284,6 +293,8 @@ class DataConfig:
             raise ConfigError(f"data.caption_dropout must be in [0, 1) (got {self.caption_dropout})")
         if self.resolution < 8:
             raise ConfigError(f"data.resolution must be >= 8 (got {self.resolution})")
+        if self.shapes_combinations not in ("all", "seen"):
+            raise ConfigError(f"data.shapes_combinations must be 'all' or 'seen' (got {self.shapes_combinations!r})")
         if self.min_size is not None and self.min_size < 0:
             raise ConfigError(f"data.min_size must be >= 0, or null for half the resolution (got {self.min_size})")
         if not 0 <= self.heldout_fraction < 1:

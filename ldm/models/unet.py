@@ -110,6 +110,7 @@ class UNet(nn.Module):
             cfg.norm_groups,
             cfg.use_linear_in_transformer,
             cfg.dropout,
+            cfg.position_embedding_freqs,
         )
 
     def set_gradient_checkpointing(self, enabled: bool) -> None:
