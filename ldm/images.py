@@ -216,12 +216,17 @@ def save_png(image: Image.Image, path: str | Path, text: Mapping[str, str] | Non
     """Write `image` as a PNG atomically, with `text` as its text chunks (keyword -> text; see
     `ldm.png_settings.png_text` for the settings of a generated image)."""
     path = Path(path)
-    meta = PngInfo()
-    for key, value in (text or {}).items():
-        meta.add_text(key, value)
     with atomic_path(path, fsync=False) as tmp:
-        image.save(tmp, format="PNG", pnginfo=meta)
+        image.save(tmp, format="PNG", pnginfo=png_text_info(text or {}))
     return path
+
+
+def png_text_info(text: Mapping[str, str]) -> PngInfo:
+    """PIL's `pnginfo` for a PNG whose text chunks are `text` (keyword -> text)."""
+    meta = PngInfo()
+    for key, value in text.items():
+        meta.add_text(key, value)
+    return meta
 
 
 def png_text_chunks(path: str | Path) -> dict[str, str]:

@@ -127,7 +127,12 @@ class PngSettings:
 def read_png_settings(path: str | Path) -> PngSettings:
     """The settings recorded in the PNG at `path`: our `ldm` chunk when present, else A1111's
     `parameters`. Raises ValueError naming the file when it records neither."""
-    chunks = png_text_chunks(path)
+    return settings_from_chunks(png_text_chunks(path), path)
+
+
+def settings_from_chunks(chunks: Mapping[str, str], path: str | Path = "the image") -> PngSettings:
+    """`read_png_settings` of a PNG whose text chunks (PIL's `image.text`) are `chunks`; `path` names
+    it in errors."""
     if SETTINGS_KEY in chunks:
         return _from_ours(chunks[SETTINGS_KEY], path)
     if PARAMETERS_KEY in chunks:

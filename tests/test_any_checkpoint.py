@@ -126,7 +126,8 @@ def test_config_and_overrides_beside_ckpt_replace_detection_and_are_recorded(fil
     parser = argparse.ArgumentParser()
     add_model_args(parser)
     args = parser.parse_args(["--ckpt", str(files["single_ckpt"]), "--config", str(TINY),
-                              *[a for o in SMALL for a in ("--set", o)], "--set", "model.text_encoder.layer=penultimate",
+                              *[a for o in SMALL for a in ("--set", o)],
+                              "--set", "model.text_encoder.layer=penultimate",
                               "--device", "cpu"])
     pipe = model_choice.load_pipeline(args)
     assert pipe.text_encoder.cfg.layer == "penultimate" and pipe.defaults.height == 32
@@ -208,3 +209,24 @@ def test_bad_model_flags_are_refused_before_loading(files, tmp_path):
         txt2img.main(["--ckpt", str(tmp_path / "page.safetensors"), *args])
     with pytest.raises(SystemExit):
         txt2img.main(["--ckpt", str(files["ours"]), "--prediction-type", "velocity", *args])
+
+
+def test_serve_offers_models_in_every_format(pipe, files, tmp_path, caplog):
+    from ldm.cli.serve import build_parser, catalog_from_args
+
+    models = tmp_path / "models"
+    models.mkdir()
+    shutil.copy(files["single_ckpt"], models / "a.ckpt")
+    shutil.copytree(files["diffusers"], models / "b")
+    save_file(pipe.vae.state_dict(), models / "just-a-vae.safetensors")
+    args = build_parser().parse_args(["--ckpt", str(files["single_st"]), "--models-dir", str(models),
+                                      "--device", "cpu"])
+    catalog = catalog_from_args(args)
+    assert list(catalog.entries) == ["single.safetensors", "a.ckpt", "b"]  # b's own files are not models
+    assert "skipping" in caplog.text and "just-a-vae.safetensors" in caplog.text
+    for title, entry in catalog.entries.items():
+        assert entry.cfg.model.unet == pipe.model_config.unet  # known before loading
+    loaded = catalog.pipeline("a.ckpt")
+    assert same_weights(loaded, pipe) and catalog.entries["a.ckpt"].sha256 == hashlib.sha256(
+        (models / "a.ckpt").read_bytes()).hexdigest()
+    assert catalog.entries["a.ckpt"].record()["path"] == str(models / "a.ckpt")

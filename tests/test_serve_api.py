@@ -13,6 +13,7 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
+from ldm.png_settings import settings_from_chunks
 from ldm.serve import Limits, ModelCatalog, Server, ServeSettings, create_app
 from serve_helpers import decode_png, make_server, png_base64, tiny_pipeline, wait_until
 
@@ -55,8 +56,9 @@ def test_wiki_example_returns_a_png_with_its_settings(client):
     image = decode_png(body["images"][0])
     info = json.loads(body["info"])
     assert image.size == (32, 32)  # the model's default size: the request gave none
-    assert image.text["prompt"] == "maltese puppy" and image.text["steps"] == "5"
-    assert image.text["seed"] == str(info["seed"]) and info["all_seeds"] == [info["seed"]]
+    recorded = settings_from_chunks(image.text).options
+    assert recorded.prompt == "maltese puppy" and recorded.steps == 5
+    assert recorded.seed == info["seed"] and info["all_seeds"] == [info["seed"]]
     assert "maltese puppy" in image.text["parameters"] and info["infotexts"] == [image.text["parameters"]]
     assert body["parameters"]["prompt"] == "maltese puppy" and body["parameters"]["steps"] == 5
 
@@ -69,7 +71,7 @@ def test_full_a1111_body_with_seed_gives_seed_plus_k_and_reproduces(client):
     assert info["width"] == 32 and info["height"] == 48 and info["sampler_name"] == "Euler a"
     assert info["all_negative_prompts"] == ["blurry", "blurry"] and info["cfg_scale"] == 7
     first, second = (decode_png(b) for b in r1["images"])
-    assert first.size == (32, 48) and second.text["seed"] == "1235"
+    assert first.size == (32, 48) and settings_from_chunks(second.text).options.seed == 1235
     # picture 2 of the request equals a request of its own with seed 1235
     assert np.array_equal(np.asarray(second), np.asarray(decode_png(r2["images"][0])))
     assert not np.array_equal(np.asarray(first), np.asarray(second))
@@ -83,7 +85,7 @@ def test_img2img_and_inpainting_with_base64_images(client):
     info = json.loads(r.json()["info"])
     assert (info["width"], info["height"], info["denoising_strength"]) == (40, 24, 0.5)
     assert r.json()["parameters"]["init_images"] is None  # not echoed unless include_init_images
-    assert decode_png(r.json()["images"][0]).text["strength"] == "0.5"
+    assert settings_from_chunks(decode_png(r.json()["images"][0]).text).options.strength == 0.5
     # mask: left half white (repaint); the kept right half stays the init image exactly
     mask = Image.new("L", (32, 32), 0)
     mask.paste(255, (0, 0, 16, 32))

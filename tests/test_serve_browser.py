@@ -10,6 +10,7 @@ import tempfile
 import pytest
 from PIL import Image
 
+from ldm.png_settings import settings_from_chunks
 from serve_helpers import make_server, running
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -65,7 +66,8 @@ def test_page_generates_a_png_with_the_prompt_in_its_metadata(browser):
         assert link.get_attribute("download") == "ldm-42.png"
         png = Image.open(io.BytesIO(base64.b64decode(src.split(",", 1)[1])))
         assert png.format == "PNG" and png.size == (32, 32)
-        assert png.text["prompt"] == prompt and png.text["seed"] == "42" and prompt in png.text["parameters"]
+        recorded = settings_from_chunks(png.text).options
+        assert recorded.prompt == prompt and recorded.seed == 42 and prompt in png.text["parameters"]
         # clicking the picture puts its settings back into the form
         browser.find_element(By.ID, "prompt").clear()
         seed.clear()

@@ -16,6 +16,7 @@ from fastapi.testclient import TestClient
 from ldm.serve import create_app
 from ldm.serve.guard import presented_key
 from ldm.cli.serve import is_loopback, main
+from ldm.png_settings import settings_from_chunks
 from serve_helpers import decode_png, make_server, running, wait_until
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -87,7 +88,7 @@ def test_progress_per_request_with_preview_and_interrupt_returns_the_picture_so_
         gone = c.get("/sdapi/v1/progress", params={"task_id": "slow"}).json()
     info = json.loads(r.json()["info"])
     assert r.status_code == 200 and info["interrupted"] and len(r.json()["images"]) == 1
-    assert decode_png(r.json()["images"][0]).text["seed"] == "3"
+    assert settings_from_chunks(decode_png(r.json()["images"][0]).text).options.seed == 3
     assert gone["state"]["job_count"] == 0 and gone["textinfo"] == "unknown or finished task"
 
 
@@ -134,7 +135,7 @@ def test_requests_finish_in_time_under_concurrency():
         def client(i):
             with httpx.Client(base_url=url, timeout=120) as c:
                 r = c.post("/sdapi/v1/txt2img", json={"prompt": f"client {i}", "seed": 100 + i, "steps": 3})
-                results[i] = decode_png(r.json()["images"][0]).text
+                results[i] = settings_from_chunks(decode_png(r.json()["images"][0]).text).options
 
         threads = [threading.Thread(target=client, args=(i,)) for i in range(8)]
         start = time.monotonic()
@@ -143,4 +144,4 @@ def test_requests_finish_in_time_under_concurrency():
         for t in threads:
             t.join(120)
     assert time.monotonic() - start < 120
-    assert {i: (r["prompt"], r["seed"]) for i, r in results.items()} == {i: (f"client {i}", str(100 + i)) for i in range(8)}
+    assert {i: (r.prompt, r.seed) for i, r in results.items()} == {i: (f"client {i}", 100 + i) for i in range(8)}

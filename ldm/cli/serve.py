@@ -25,6 +25,7 @@ from ..serve.a1111 import Limits
 from ..serve.app import Server, ServeSettings, create_app
 from ..serve.catalog import ModelCatalog, ModelEntry, file_entry, folder_entries
 from .common import add_model_args, run_main
+from .model_choice import default_model
 
 API_KEY_ENV = "LDM_API_KEY"
 
@@ -45,7 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_model_args(parser)
     parser.add_argument("--models-dir", type=Path, default=None,
-                        help="also offer every .safetensors model under this folder (switch with /sdapi/v1/options)")
+                        help="also offer every model under this folder: .safetensors and .ckpt files, diffusers "
+                             "folders (switch with /sdapi/v1/options)")
     net = parser.add_argument_group("network")
     net.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     net.add_argument("--port", type=int, default=7860, help="port (default 7860, as A1111)")
@@ -76,33 +78,49 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def catalog_from_args(args: argparse.Namespace) -> ModelCatalog:
-    """The models --ckpt, --config and --models-dir name, loaded on the chosen device and dtype."""
+    """The models --ckpt (with its --config, --set and --prediction-type hints), --config alone
+    (random weights) and --models-dir name, loaded on the chosen device and dtype with --vae in place
+    of their own VAEs. With none of them: $LDM_CHECKPOINT, else the README's trained model."""
     device = pick_device(args.device)
     dtype = pick_dtype(args.dtype, device)
+    if args.overrides and not args.config:
+        raise SystemExit("error: --set overrides apply to --config (random weights, or the architecture given with "
+                         "--ckpt); a model file carries its own config")
 
-    def load_file(path: Path) -> LDMPipeline:
-        return LDMPipeline.from_checkpoint(path, device=device, dtype=dtype).set_attention_backend(args.attention)
+    def loader(config=None, prediction_type=None):
+        def load(path: Path) -> LDMPipeline:
+            pipe = LDMPipeline.load(path, config=config, prediction_type=prediction_type, vae=args.vae, device=device,
+                                    dtype=dtype)
+            return pipe.set_attention_backend(args.attention)
+        return load
 
     entries: list[ModelEntry] = []
-    if args.ckpt:
-        entries.append(file_entry(args.ckpt, load_file))
-    if args.config:
+    ckpt = args.ckpt
+    if ckpt is None and args.config is None and args.models_dir is None:
+        ckpt, why = default_model()
+        print(f"note: serving the {why}", file=sys.stderr)
+    if ckpt:
+        config = load_config(args.config, args.overrides) if args.config else None
+        entries.append(file_entry(ckpt, loader(config, args.prediction_type), config=config,
+                                  prediction_type=args.prediction_type))
+    elif args.config:
         cfg = load_config(args.config, args.overrides)
         print(f"note: {args.config} is built with random weights; expect noise-like images", file=sys.stderr)
 
         def load_random() -> LDMPipeline:
             pipe = LDMPipeline.from_config(cfg, device=device, dtype=dtype)
+            if args.vae:
+                pipe.load_vae(args.vae)
             return pipe.set_attention_backend(args.attention)
 
         title = f"{Path(args.config).stem} (random weights)"
         entries.append(ModelEntry(title=title, filename=str(args.config), load=load_random, cfg=cfg,
                                   config=str(args.config)))
-    elif args.overrides:
-        raise SystemExit("error: --set overrides apply to --config only; a checkpoint carries its own config")
     if args.models_dir:
-        entries += [e for e in folder_entries(args.models_dir, load_file) if e.filename != str(args.ckpt)]
+        entries += [e for e in folder_entries(args.models_dir, loader()) if e.filename != str(ckpt)]
     if not entries:
-        raise SystemExit("error: pass --ckpt MODEL.safetensors, --models-dir DIR, or --config CONFIG.yaml (random weights)")
+        raise SystemExit(f"error: no model in --models-dir {args.models_dir}; pass --ckpt MODEL (an ldm or original "
+                         ".safetensors / .ckpt, or a diffusers folder), or --config CONFIG.yaml (random weights)")
     return ModelCatalog(entries)
 
 

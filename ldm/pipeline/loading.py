@@ -19,7 +19,7 @@ from ..build import ModelState, build_from_state, build_vae
 from ..checkpoint import read_model_file, save_model_file
 from ..config import Config, load_config
 from ..convert.diffusers import read_diffusers, write_diffusers
-from ..convert.formats import FORMATS, detect_input_format, normalise_prediction_type
+from ..convert.formats import FORMATS, detect_input_format, normalise_prediction_type, with_prediction_type
 from ..convert.single_file import read_single_file, write_single_file
 from ..convert.vae_file import read_vae, with_vae
 from ..errors import CheckpointError
@@ -96,9 +96,7 @@ class Loading:
         else:
             raise ValueError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
         if pred and fmt != "single":
-            diffusion = dataclasses.replace(state.config.model.diffusion, prediction_type=pred)
-            state.config = dataclasses.replace(state.config, model=dataclasses.replace(state.config.model,
-                                                                                       diffusion=diffusion))
+            state.config = with_prediction_type(state.config, pred)
         if vae is not None:
             state = with_vae(state, read_vae(vae, state.config.model.vae, trust_pickle=trust_pickle))
         try:

@@ -15,15 +15,15 @@ import json
 import secrets
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Mapping
 
 from PIL import Image, ImageFilter, ImageOps
 
-from ..images import png_info
 from ..diffusion import STOCHASTIC_SAMPLERS, parse_sampler
 from ..diffusion.names import A1111_AUTOMATIC, A1111_SAMPLERS, a1111_name
-from ..images import decode_grey, decode_image
+from ..images import decode_grey, decode_image, png_text_info
 from ..pipeline import MAX_SEED
+from ..png_settings import png_text
 from .catalog import ModelCatalog, ModelEntry
 from .queue import BatchKey, ImageTask, Job, JobResult
 from .schemas import UNSUPPORTED, GenerationRequest, Img2ImgRequest
@@ -221,10 +221,11 @@ def _resize(image: Image.Image, width: int, height: int, mode: int) -> Image.Ima
 # ---------------------------------------------------------------------------------------------
 
 
-def encode_png(image: Image.Image, model: str | None) -> bytes:
-    """PNG bytes with the settings in the text chunks the command-line tools write."""
+def encode_png(image: Image.Image, model: Mapping[str, Any] | None) -> bytes:
+    """PNG bytes with the settings in the text chunks the command-line tools write (A1111's
+    `parameters` and our JSON; `model` as `ModelEntry.record()` gives it)."""
     buf = io.BytesIO()
-    image.save(buf, format="PNG", pnginfo=png_info(image.info, model))
+    image.save(buf, format="PNG", pnginfo=png_text_info(png_text(image.info, model)))
     return buf.getvalue()
 
 
@@ -236,7 +237,7 @@ def images_response(job: Job, result: JobResult, req: GenerationRequest, entry: 
         task = job.tasks[k]
         for name, value in _image_info(key, task).items():
             image.info.setdefault(name, value)
-        data = encode_png(image, entry.title)
+        data = encode_png(image, entry.record())
         pngs.append(base64.b64encode(data).decode("ascii"))
         infotexts.append(Image.open(io.BytesIO(data)).text.get("parameters", ""))
     seeds = [t.seed for t in job.tasks[: len(result.images)]] or [job.tasks[0].seed]

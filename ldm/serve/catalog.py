@@ -8,7 +8,7 @@ name without extension) or by path. Only the worker thread loads; the HTTP side 
 from __future__ import annotations
 
 import gc
-import hashlib
+import logging
 import re
 import threading
 from dataclasses import dataclass
@@ -17,11 +17,14 @@ from typing import Callable
 
 import torch
 
-from ..checkpoint import read_model_config
 from ..config import Config
+from ..convert.formats import model_config
+from ..errors import CheckpointError
 from ..pipeline import LDMPipeline
+from ..pipeline.source import file_sha256
 
-MODEL_SUFFIXES = (".safetensors",)
+MODEL_SUFFIXES = (".safetensors", ".ckpt")
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -43,6 +46,12 @@ class ModelEntry:
     def shorthash(self) -> str | None:
         return self.sha256[:10] if self.sha256 else None
 
+    def record(self) -> dict:
+        """What a PNG records about this model (as `ldm.pipeline.source.ModelSource.record` does)."""
+        if self.config is not None:
+            return {"name": self.model_name, "format": "config", "config": self.config}
+        return {"name": self.model_name, "path": self.filename, "sha256": self.sha256}
+
     def item(self) -> dict:
         """The entry as A1111's `/sdapi/v1/sd-models` lists it."""
         title = f"{self.title} [{self.shorthash}]" if self.shorthash else self.title
@@ -50,33 +59,34 @@ class ModelEntry:
                 "filename": self.filename, "config": self.config}
 
 
-def file_entry(path: str | Path, load: Callable[[Path], LDMPipeline], root: Path | None = None) -> ModelEntry:
-    """An entry for a model file written by `LDMPipeline.save` or training; titled by its path
-    under `root` (or its name). Its config is read from the file's header."""
+def file_entry(path: str | Path, load: Callable[[Path], LDMPipeline], root: Path | None = None, *,
+               config: str | Path | Config | None = None, prediction_type: str | None = None) -> ModelEntry:
+    """An entry for a model in any format `LDMPipeline.load` reads (an ldm file, an original single
+    file, a diffusers folder); titled by its path under `root` (or its name). Its config is read
+    without its weights (`ldm.convert.formats.model_config`, with the same hints as the load)."""
     path = Path(path)
-    cfg = read_model_config(path)
-    if cfg is None:
-        raise ValueError(f"{path} carries no config (an original Stable Diffusion file?); convert it first: "
-                         f"python tools/convert.py {path} {path.with_name(path.stem + '-ldm.safetensors')}")
+    cfg = model_config(path, config=config, prediction_type=prediction_type)
     title = str(path.relative_to(root)) if root is not None else path.name
     return ModelEntry(title=title, filename=str(path), load=lambda: load(path), cfg=cfg)
 
 
 def folder_entries(folder: str | Path, load: Callable[[Path], LDMPipeline]) -> list[ModelEntry]:
-    """Entries for every model file under `folder` (recursively), sorted by title."""
+    """Entries for every model under `folder` (recursively: `.safetensors` and `.ckpt` files, and
+    diffusers folders), sorted by title. Files that are not whole models (a VAE, a LoRA) are skipped
+    with a warning that names them."""
     folder = Path(folder)
     if not folder.is_dir():
         raise ValueError(f"--models-dir {folder} is not a folder")
-    files = sorted(p for p in folder.rglob("*") if p.suffix in MODEL_SUFFIXES and p.is_file())
-    return [file_entry(p, load, root=folder) for p in files]
-
-
-def sha256_of(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    diffusers = sorted(p.parent for p in folder.rglob("model_index.json"))
+    found = [p for p in folder.rglob("*") if p.is_file() and p.suffix in MODEL_SUFFIXES
+             and not any(p.is_relative_to(d) for d in diffusers)]
+    entries = []
+    for path in sorted([*found, *diffusers]):
+        try:
+            entries.append(file_entry(path, load, root=folder))
+        except CheckpointError as e:
+            log.warning("--models-dir: skipping %s, which is not a model this server loads: %s", path, e)
+    return entries
 
 
 class ModelCatalog:
@@ -129,6 +139,6 @@ class ModelCatalog:
                 torch.cuda.empty_cache()
             pipe = self.prepare(entry.load())
             if entry.sha256 is None and entry.config is None and Path(entry.filename).is_file():
-                entry.sha256 = sha256_of(entry.filename)
+                entry.sha256 = file_sha256(entry.filename)
             self._loaded = (title, pipe)
             return pipe

@@ -134,6 +134,29 @@ def _check_schedule(found: Mapping[str, Tensor], cfg: DiffusionConfig, path: Pat
     return f"file's {' and '.join(checked)} match the schedule" if checked else None
 
 
+def read_single_file_config(path: str | Path, *, prediction_type: str | None = None,
+                            config: str | Path | Config | None = None, trust_pickle: bool = False) -> Config:
+    """The config `read_single_file` would give the file at `path`, from its tensors' names and shapes
+    alone: the tensors are memory-mapped, not read (except from an old non-zip pickle)."""
+    state, _ = standard_layout(read_checkpoint(path, trust_pickle=trust_pickle))
+    return _config_of(state, config, prediction_type)[0]
+
+
+def _config_of(state: Mapping[str, Tensor], config: str | Path | Config | None,
+               prediction_type: str | None) -> tuple[Config, str]:
+    """The given config (with `prediction_type` set) or the detected one (512 px, or 768 for v
+    models, as the published ones), and a report line."""
+    if config is not None:
+        cfg = copy.deepcopy(config) if isinstance(config, Config) else load_config(config)
+        if prediction_type is not None:
+            check_prediction_type(prediction_type)
+            cfg.model.diffusion.prediction_type = prediction_type
+        return cfg, f"config: given ({config if not isinstance(config, Config) else 'Config object'}), not detected"
+    model_cfg, report = detect_config(state, prediction_type=prediction_type)
+    size = 768 if model_cfg.diffusion.prediction_type == "v" else 512
+    return Config(model=model_cfg, sample=SampleConfig(height=size, width=size)), report
+
+
 def read_single_file(
     path: str | Path,
     *,
@@ -154,16 +177,7 @@ def read_single_file(
     """
     path = Path(path)
     state, layout_notes = standard_layout(read_checkpoint(path, trust_pickle=trust_pickle))
-    if config is not None:
-        cfg = copy.deepcopy(config) if isinstance(config, Config) else load_config(config)
-        if prediction_type is not None:
-            check_prediction_type(prediction_type)
-            cfg.model.diffusion.prediction_type = prediction_type
-        report = f"config: given ({config if not isinstance(config, Config) else 'Config object'}), not detected"
-    else:
-        model_cfg, report = detect_config(state, prediction_type=prediction_type)
-        size = 768 if model_cfg.diffusion.prediction_type == "v" else 512
-        cfg = Config(model=model_cfg, sample=SampleConfig(height=size, width=size))
+    cfg, report = _config_of(state, config, prediction_type)
     lines = [f"{path.name}: {len(state)} tensors", report, *layout_notes]
 
     s = _sort_tensors(state)
