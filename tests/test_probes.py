@@ -93,3 +93,20 @@ def test_reconstruction_probe_of_an_exact_autoencoder_is_perfect():
     result = probes.reconstruction_adherence(_Identity(), 32)
     assert result["all"] == 1.0 and result["shape/small triangle"] == 1.0
     assert set(result) >= {"colour", "shape", "size", "position", "count", "background"}
+
+
+def test_probe_tool_prints_and_writes_the_text_probe_and_checks_its_arguments(tmp_path, capsys):
+    import json
+
+    from ldm.cli.probe import main
+
+    args = ["--config", str(SD_TINY), *[a for kv in FAST for a in ("--set", kv)]]
+    assert main([*args, "--only", "text", "--n", "8", "--out", str(tmp_path / "p.json")]) == 0
+    out = capsys.readouterr().out
+    assert "text: held-out accuracy of a linear read-out" in out and "position" in out
+    result = json.loads((tmp_path / "p.json").read_text())
+    assert set(result) == {"text_separation", "text_readout"}
+    assert set(result["text_readout"]) == {"last", "mean", "all"}
+    with pytest.raises(SystemExit):
+        main([*args, "--only", "latent,novel"])
+    assert "--only takes a comma-separated subset of text, attention, latent, swap (got 'latent,novel')" in capsys.readouterr().err
