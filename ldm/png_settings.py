@@ -37,6 +37,7 @@ PARAMETERS_KEY = "parameters"  # AUTOMATIC1111's chunk
 SETTINGS_KEY = "ldm"  # ours
 SETTINGS_FORMAT = 1
 A1111_HASH_DIGITS = 10  # A1111's "Model hash": the first 10 hex digits of the file's SHA-256
+A1111_LORA_HASH_DIGITS = 12  # its "Lora hashes": 12 digits per file
 # A1111 labels of guidance rescale: the CFG Rescale extensions', and SD.Next's.
 CFG_RESCALE_LABELS = ("CFG Rescale", "CFG Rescale phi", "CFG Rescale φ", "CFG rescale")
 # A1111 fields whose meaning is read into SamplingOptions (or the model); the rest are reported.
@@ -59,7 +60,8 @@ def a1111_parameters(info: Mapping[str, Any], model: Mapping[str, Any] | None = 
                      extra: Mapping[str, object] | None = None) -> str:
     """A1111's infotext of one image whose settings are `info` (a generated image's `image.info`:
     resolved `SamplingOptions` fields) made with `model` (`ModelSource.record()`: name, sha256, vae,
-    vae_sha256). `extra`: further `Label: value` fields, written last as A1111 writes its extensions'."""
+    vae_sha256; and `pipe.adapters_record()`'s loras). `extra`: further `Label: value` fields,
+    written last as A1111 writes its extensions'."""
     model = model or {}
     sampler, spacing = info.get("sampler"), info.get("spacing")
     try:
@@ -79,6 +81,11 @@ def a1111_parameters(info: Mapping[str, Any], model: Mapping[str, Any] | None = 
         "VAE": Path(model["vae"]).name if model.get("vae") else None,
         "Denoising strength": info.get("strength"),
     }
+    loras = [lora for lora in model.get("loras", ()) if lora.get("sha256")]
+    if loras:  # A1111 writes each LoRA's name without commas and colons, and a short hash of its file
+        fields["Lora hashes"] = ", ".join(
+            f"{lora['name'].replace(':', '').replace(',', '')}: {lora['sha256'][:A1111_LORA_HASH_DIGITS]}"
+            for lora in loras)
     eta = info.get("eta")
     if eta is not None:  # A1111 writes eta only where it differs from its sampler's default
         if sampler == "ddim" and eta != 0:

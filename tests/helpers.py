@@ -1,5 +1,5 @@
 """What the tests share, importable by name because pytest puts tests/ on sys.path: paths, the
-small test models' config overrides, and `randomize`. Fixtures built from them are in conftest.py."""
+small test models' config overrides, `randomize` and `random_lora`. Fixtures built from them are in conftest.py."""
 
 from __future__ import annotations
 
@@ -9,6 +9,8 @@ import torch
 from torch import nn
 
 from ldm import LDMPipeline
+from ldm.convert.lora import layers
+from ldm.models.lora import LoRANetwork
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
@@ -44,3 +46,16 @@ def randomize(target: LDMPipeline | nn.Module, seed: int = 1, scale: float = 0.0
                 if param.abs().max() == 0:
                     param.copy_(torch.randn(param.shape, generator=g) * scale)
     return target
+
+
+def random_lora(pipe, seed: int, rank: int = 4) -> LoRANetwork:
+    """A LoRA over every attention projection and resnet conv of U-Net and text encoder."""
+    index = layers(pipe.model_config.unet, pipe.model_config.text_encoder)
+    targets = sorted({layer.target for layer in index.values()}, key=str)
+    net = LoRANetwork.create(pipe.modules, targets, rank=rank, alpha=rank / 2,
+                             generator=torch.Generator().manual_seed(seed))
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for adapter in net.adapters:
+            adapter.up.copy_(torch.randn(adapter.up.shape, generator=g) * 0.1)
+    return net

@@ -13,6 +13,7 @@ from safetensors.torch import load_file, save_file
 from test_diffusers_interop import make_pipe
 from test_tools import run_tool
 
+from helpers import random_lora
 from ldm.convert.lora import read_lora, save_lora
 from ldm.errors import CheckpointError
 from ldm.models.lora import LoRANetwork
@@ -230,20 +231,6 @@ def test_our_kohya_export_loads_in_diffusers_and_matches(pair, tmp_path):
 @pytest.fixture()
 def tiny():
     return make_pipe("sd2")  # OpenCLIP tower: q/k/v LoRAs land in row blocks of in_proj_weight
-
-
-def random_lora(pipe, seed: int, rank: int = 4) -> LoRANetwork:
-    """A LoRA over every attention projection and resnet conv of U-Net and text encoder."""
-    from ldm.convert.lora import layers
-
-    index = layers(pipe.model_config.unet, pipe.model_config.text_encoder)
-    targets = sorted({layer.target for layer in index.values()}, key=str)
-    net = LoRANetwork.create(pipe.modules, targets, rank=rank, alpha=rank / 2, generator=torch.Generator().manual_seed(seed))
-    g = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for adapter in net.adapters:
-            adapter.up.copy_(torch.randn(adapter.up.shape, generator=g) * 0.1)
-    return net
 
 
 def run(pipe) -> torch.Tensor:

@@ -11,12 +11,15 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
+from safetensors.torch import save_file
 
-from helpers import FAST, ROOT, TINY, TINY_SD1, randomize
+from helpers import FAST, ROOT, TINY, TINY_SD1, random_lora, randomize
 from ldm import LDMPipeline
 from ldm.cli import txt2img
+from ldm.convert.lora import save_lora
 from ldm.images import save_png
 from ldm.png_settings import a1111_parameters, png_text, read_png_settings, settings_from_a1111, settings_from_png
 
@@ -153,7 +156,7 @@ def test_our_parameters_read_back_with_our_parser_too():
             "spacing": "exponential", "seed": 123, "width": 40, "height": 48, "strength": 0.25, "eta": 0.5,
             "guidance_rescale": 0.2}
     o = settings_from_a1111(a1111_parameters(info, {"name": "m:1", "sha256": "ab" * 32})).options
-    assert {k: v for k, v in o.to_dict().items() if v is not None and k != "num_images"} == info
+    assert {k: v for k, v in o.to_dict().items() if k in info} == info
 
 
 def test_txt2img_from_png_reuses_the_recorded_model_and_flags_win(tmp_path, tiny_pipe, capsys):
@@ -184,6 +187,30 @@ def test_txt2img_from_png_reuses_the_recorded_model_and_flags_win(tmp_path, tiny
                          "--out", str(tmp_path / "other")]) == 0
     assert f"note: {made} was made with tiny (hash {recorded.model['sha256'][:10]}), not this model (other" in \
         capsys.readouterr().err
+
+
+def test_loras_and_embeddings_are_recorded_and_applied_again(tmp_path, tiny_pipe, capsys):
+    model = tiny_pipe.save(tmp_path / "tiny.safetensors")
+    lora = save_lora(tmp_path / "my, style.safetensors", random_lora(tiny_pipe, 9).weights(), tiny_pipe.model_config)
+    emb = tmp_path / "shiny.safetensors"
+    save_file({"emb_params": torch.randn(2, tiny_pipe.text_encoder.cfg.width)}, str(emb))
+    first = tmp_path / "first"
+    assert txt2img.main(["--ckpt", str(model), "--lora", f"{lora}:0.7", "--embedding", str(emb), "--prompt",
+                         "a shiny circle", "--steps", "2", "--seed", "8", "--device", "cpu", "--out", str(first)]) == 0
+    made = first / "00000-8.png"
+    lora_sha = hashlib.sha256(lora.read_bytes()).hexdigest()
+    assert reference_parse(Image.open(made).text["parameters"])["Lora hashes"] == f"my style: {lora_sha[:12]}"
+    recorded = read_png_settings(made).model
+    assert recorded["loras"] == [{"name": "my, style", "path": str(lora), "scale": 0.7, "sha256": lora_sha}]
+    assert recorded["embeddings"] == [{"token": "shiny", "path": str(emb),
+                                       "sha256": hashlib.sha256(emb.read_bytes()).hexdigest()}]
+    capsys.readouterr()
+    assert txt2img.main(["--from-png", str(made), "--device", "cpu", "--out", str(tmp_path / "again")]) == 0
+    assert "LoRA 'my, style'" in capsys.readouterr().err
+    assert Image.open(tmp_path / "again" / "00000-8.png").tobytes() == Image.open(made).tobytes()
+    lora.unlink()
+    assert txt2img.main(["--from-png", str(made), "--device", "cpu", "--out", str(tmp_path / "without")]) == 0
+    assert "was made with LoRA my, style at 0.7" in capsys.readouterr().err
 
 
 def test_txt2img_from_an_a1111_png(tmp_path, capsys):

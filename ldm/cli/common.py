@@ -118,12 +118,12 @@ def save_images(images: Sequence[Image.Image], out: str | Path, pipe: LDMPipelin
                 ) -> tuple[list[Path], Path]:
     """Write each image as NNNNN-SEED.png (numbering continues what is in `out`) and a grid, each with
     its settings in the PNG text chunks (`ldm.png_settings`: A1111's `parameters` and our JSON),
-    naming `pipe`'s model, device and dtype."""
+    naming `pipe`'s model, LoRAs and embeddings, device and dtype."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     taken = [int(m.group(1)) for p in out.iterdir() if (m := re.match(r"(\d{5})-", p.name))]
     start = max(taken, default=-1) + 1
-    model = pipe.source.record() if pipe is not None and pipe.source is not None else None
+    model = {**(pipe.source.record() if pipe.source else {}), **pipe.adapters_record()} if pipe else None
     runtime = {"device": str(pipe.device), "dtype": str(pipe.dtype).removeprefix("torch.")} if pipe else None
     paths = []
     for k, image in enumerate(images):

@@ -1,5 +1,6 @@
 """`--from-png IMAGE`: make an image again from the settings its PNG records, ours (bit for bit, with
-the model it records) or AUTOMATIC1111's (the same settings), under any flag given beside it.
+the model, LoRAs and embeddings it records) or AUTOMATIC1111's (the same settings), under any flag
+given beside it.
 
 The sampling flags default to what the PNG says; a flag on the command line wins. Without --ckpt
 and --config the model the PNG records is used when it is here (see `model_choice`); whichever
@@ -55,10 +56,32 @@ def apply_png_settings(args: argparse.Namespace, given: set[str], path: Path) ->
     if png.ignored:
         fields = ", ".join(f"{label}: {value}" for label, value in png.ignored.items())
         print(f"note: {path} also says {fields}; these have no equivalent here and are not used", file=sys.stderr)
+    if png.source == "ldm":
+        _recorded_adapters(args, png, path)
     if png.source == "a1111":
         print(f"note: {path} was made by AUTOMATIC1111: same settings, but its noise came from another random "
               "number generator, so the image will differ", file=sys.stderr)
     return png
+
+
+def _recorded_adapters(args: argparse.Namespace, png: PngSettings, path: Path) -> None:
+    """Without --lora and --embedding flags, the LoRAs (at their scales) and embeddings the image was
+    made with, where their files are here; a note names the ones that are not."""
+    if getattr(args, "lora", None) == [] and png.model.get("loras"):
+        for lora in png.model["loras"]:
+            if lora.get("path") and Path(lora["path"]).is_file():
+                args.lora.append(f"{lora['path']}:{lora['scale']}")
+            else:
+                print(f"note: {path} was made with LoRA {lora.get('name')} at {lora.get('scale')} "
+                      f"({lora.get('path')}), which is not here: the image will differ; --lora FILE:SCALE applies it",
+                      file=sys.stderr)
+    if getattr(args, "embedding", None) == [] and png.model.get("embeddings"):
+        for emb in png.model["embeddings"]:
+            if emb.get("path") and Path(emb["path"]).is_file():
+                args.embedding.append(emb["path"])
+            else:
+                print(f"note: {path} was made with the embedding {emb.get('token')} ({emb.get('path')}), which is "
+                      "not here: the image will differ; --embedding FILE adds it", file=sys.stderr)
 
 
 def recorded_model(png: PngSettings | None, path: Path | None) -> tuple[dict | None, str | None]:

@@ -25,6 +25,8 @@ from ..convert.lora import read_lora, save_lora
 from ..devices import parse_dtype
 from ..models.lora import LoRANetwork, LoRAStack
 from ..models.textual_inversion import add_embedding, remove_embedding
+from ..models.tokenizer import clean_text
+from .source import file_sha256
 
 
 class AdapterMethods:
@@ -32,6 +34,7 @@ class AdapterMethods:
     `model_config`, `device`, `dtype`, `speed` and `optimize`."""
 
     loras: LoRAStack
+    embedding_files: dict[str, str]
 
     def load_lora(self, path: str | Path, scale: float = 1.0, *, name: str | None = None,
                   trust_pickle: bool = False) -> str:
@@ -93,11 +96,27 @@ class AdapterMethods:
         diffusers file stores, else the file's stem (as in A1111). Matched case-insensitively."""
         name, vectors = read_embedding(path, token, trust_pickle=trust_pickle)
         add_embedding(self.text_encoder, name, vectors, source=str(path))
+        self.embedding_files[name] = str(path)
         return name
 
     def unload_textual_inversion(self, token: str | None = None) -> None:
         """Forget one embedding by its word, or all of them."""
         remove_embedding(self.text_encoder, token)
+        self.embedding_files = {} if token is None else {
+            name: path for name, path in self.embedding_files.items() if clean_text(name) != clean_text(token)}
+
+    def adapters_record(self) -> dict[str, list[dict]]:
+        """The loaded LoRAs (name, file, scale, SHA-256) and embeddings (word, file, SHA-256) as plain
+        JSON data: what a generated PNG records beside its model (see `ldm.png_settings`)."""
+        out: dict[str, list[dict]] = {}
+        if self.loras.loras:
+            out["loras"] = [{"name": name, "path": lora.source, "scale": lora.multiplier,
+                             "sha256": file_sha256(lora.source) if lora.source else None}
+                            for name, lora in self.loras.loras.items()]
+        if self.embedding_files:
+            out["embeddings"] = [{"token": token, "path": path, "sha256": file_sha256(path)}
+                                 for token, path in self.embedding_files.items()]
+        return out
 
     def _adapters_changed(self) -> None:
         # compiled forwards and captured CUDA graphs hold the hooks and scales they were made with

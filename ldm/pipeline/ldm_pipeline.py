@@ -70,6 +70,7 @@ class LDMPipeline(Loading, Stages, AdapterMethods):
         self.speed = SpeedConfig()
         self.fast_unet, self.fast_vae = FastUNet(unet, self.speed), FastVAE(vae, self.speed)
         self.loras = LoRAStack({"unet": unet, "text_encoder": text_encoder})
+        self.embedding_files: dict[str, str] = {}  # textual-inversion word -> the file it was read from
 
     @property
     def config(self) -> Config:
