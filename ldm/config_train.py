@@ -12,7 +12,7 @@ COMPILE_MODES = ("default", "max-autotune-no-cudagraphs", "reduce-overhead", "ma
 DATA_SOURCES = ("shapes", "folder", "shards", "latents")
 CROPS = ("center", "random")
 LR_SCHEDULES = ("constant", "cosine")
-MIXED_PRECISION = ("no", "bf16", "fp16")
+MIXED_PRECISION = ("no", "bf16", "fp16", "auto")
 
 
 def multiple_hint(value: int, factor: int) -> str:
@@ -136,7 +136,9 @@ class TrainConfig:
     warmup_steps: int = 100
     lr_schedule: str = "cosine"  # "cosine" (to 0 at `steps`) | "constant" (after warm-up)
     max_grad_norm: float = 1.0  # 0 disables clipping
-    mixed_precision: str = "no"  # "no" | "bf16" | "fp16"
+    # "no" | "bf16" | "fp16" | "auto": bf16 where the device computes it natively (a CUDA GPU with
+    # bfloat16, a CPU with AVX512-BF16 or AMX), else "no". (`bool`: YAML reads a bare `no` as false.)
+    mixed_precision: str | bool = "no"
     ema_decay: float = 0.999  # 0 disables EMA
     seed: int = 0
     min_snr_gamma: float | None = None  # Min-SNR-gamma loss weighting (5 is typical)
@@ -157,6 +159,10 @@ class TrainConfig:
     channels_last: bool = False  # LDM training: U-Net weights and activations in torch.channels_last (faster on GPUs)
     compile: str | None = None  # LDM training: torch.compile mode for the U-Net (one of COMPILE_MODES); None: eager
     lora: LoRATrainConfig = field(default_factory=LoRATrainConfig)  # LDM training: LoRA adapters instead
+
+    def __post_init__(self) -> None:
+        if self.mixed_precision is False:  # `train.mixed_precision=no`, read by YAML as a boolean
+            self.mixed_precision = "no"
 
     def validate(self) -> None:
         if self.compile is not None and self.compile not in COMPILE_MODES:

@@ -1,6 +1,7 @@
 import json
 
 import pytest
+import torch
 
 from helpers import CONFIGS, SD_TINY
 from ldm.config import Config, apply_overrides, from_dict, load_config, load_yaml, resolve_config, to_dict
@@ -95,3 +96,17 @@ def test_shipped_configs_load_by_name_from_anywhere(tmp_path, monkeypatch):
         load_config("sd16")
     with pytest.raises(ConfigError, match="config 'configs/sd15.yaml' not found"):
         load_config("configs/sd15.yaml")  # a path is a path: relative to the working directory
+
+
+def test_mixed_precision_reads_a_bare_no_and_auto_follows_the_device(monkeypatch):
+    from ldm.train import loop
+
+    assert load_config(SD_TINY, ["train.mixed_precision=no"]).train.mixed_precision == "no"  # YAML's false
+    assert load_config(SD_TINY, ["train.mixed_precision=auto"]).train.mixed_precision == "auto"
+    with pytest.raises(ConfigError, match=r"train.mixed_precision must be one of .*'auto'.* \(got 'bf17'\)"):
+        load_config(SD_TINY, ["train.mixed_precision=bf17"])
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(loop, "cpu_has_native_bf16", lambda: False)
+    assert loop.resolve_mixed_precision("auto") == "no" and loop.resolve_mixed_precision("bf16") == "bf16"
+    monkeypatch.setattr(loop, "cpu_has_native_bf16", lambda: True)
+    assert loop.resolve_mixed_precision("auto") == "bf16" and loop.resolve_mixed_precision("no") == "no"

@@ -41,6 +41,17 @@ def cpu_has_native_bf16() -> bool:
     return any(getattr(torch.cpu, name, lambda: False)() for name in probes)
 
 
+def resolve_mixed_precision(setting: str) -> str:
+    """`train.mixed_precision` as accelerate takes it: "auto" becomes "bf16" where this device
+    computes bfloat16 natively (a CUDA GPU with bf16, a CPU with AVX512-BF16 or AMX) and "no"
+    elsewhere, where bf16 autocast would be emulated and run slower than float32."""
+    if setting != "auto":
+        return setting
+    if torch.cuda.is_available():
+        return "bf16" if torch.cuda.is_bf16_supported() else "no"
+    return "bf16" if cpu_has_native_bf16() else "no"
+
+
 def make_accelerator(cfg: TrainConfig, project_dir: str):
     """An Accelerator for single or multi-process runs (launched with `accelerate launch`)."""
     from accelerate import Accelerator
@@ -62,12 +73,13 @@ def make_accelerator(cfg: TrainConfig, project_dir: str):
     # Accelerate keeps one precision per process, and a run's stages may differ (train_ldm.py trains
     # the VAE, then the LDM, in one process): a new precision resets that state, keeping the
     # process group.
-    if AcceleratorState._shared_state.get("_mixed_precision", cfg.mixed_precision) != cfg.mixed_precision:
+    precision = resolve_mixed_precision(cfg.mixed_precision)
+    if AcceleratorState._shared_state.get("_mixed_precision", precision) != precision:
         AcceleratorState._reset_state(reset_partial_state=False)
     if cfg.mixed_precision == "bf16" and not torch.cuda.is_available() and not cpu_has_native_bf16():
         warnings.warn(
             "train.mixed_precision=bf16 on a CPU without native bfloat16 (AVX512-BF16 or AMX): autocast may "
-            "run slower than float32 here; set train.mixed_precision=no",
+            "run slower than float32 here; set train.mixed_precision=no (or auto)",
             stacklevel=2,
         )
     if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
@@ -78,7 +90,7 @@ def make_accelerator(cfg: TrainConfig, project_dir: str):
                          "`accelerate config` without FSDP)")
     return Accelerator(
         cpu=not torch.cuda.is_available(),  # lets `torchrun` start gloo multi-process runs on CPU-only machines
-        mixed_precision=cfg.mixed_precision,
+        mixed_precision=precision,
         gradient_accumulation_steps=cfg.grad_accum,
         log_with=log_with,
         project_config=ProjectConfiguration(project_dir=project_dir, logging_dir=f"{project_dir}/logs"),
@@ -250,6 +262,8 @@ class Trainer(ABC):
         self._state = self.folder.state() if resume else None
         self._resume_with_changes = resume_with_changes
         acc.print(f"{self.NAME}: reads {describe(cfg.data)}")  # the first thing to check in a log
+        if cfg.train.mixed_precision == "auto":
+            acc.print(f"{self.NAME}: train.mixed_precision=auto -> {acc.mixed_precision} on this device")
 
     def resume_state(self) -> tuple[dict, dict] | None:
         """(weights, trainer objects) of the state to resume from, or None for a fresh run; sets

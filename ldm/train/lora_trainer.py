@@ -188,7 +188,7 @@ class LoRATrainer(LDMTrainer):
             "ss_lr_scheduler": t.lr_schedule,
             "ss_lr_warmup_steps": str(t.warmup_steps),
             "ss_optimizer": "torch.optim.AdamW",
-            "ss_mixed_precision": t.mixed_precision,
+            "ss_mixed_precision": str(self.accelerator.mixed_precision),
             "ss_seed": str(t.seed),
             "ss_resolution": f"({cfg.data.resolution}, {cfg.data.resolution})",
             "ss_noise_offset": str(t.offset_noise),
