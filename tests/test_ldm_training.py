@@ -19,7 +19,7 @@ from ldm.train.ldm_trainer import LDMTrainer
 TINY = [
     "model.unet.model_channels=32", "model.unet.num_head_channels=16", "model.text_encoder.width=32",
     "model.unet.context_dim=32", "model.text_encoder.heads=2", "model.text_encoder.projection_dim=32",
-    "model.vae.ch=16", "data.resolution=16", "train.batch_size=2", "train.steps=6", "train.warmup_steps=2",
+    "model.vae.ch=16", "data.resolution=16", "data.heldout_size=8", "train.batch_size=2", "train.steps=6", "train.warmup_steps=2",
     "train.save_every=3", "train.sample_every=0", "train.log_with=none", "train.ema_decay=0.9",
     "sample.height=16", "sample.width=16", "sample.steps=2",
 ]
