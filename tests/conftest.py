@@ -4,11 +4,22 @@ Tests marked `@pytest.mark.slow` (minutes each) are left out by default (pyproje
 run them with `python -m pytest -m slow`.
 """
 
+import os
+
 import pytest
 import torch
 
 from helpers import FAST, INPAINTING, TINY, randomize
 from ldm import LDMPipeline
+
+# With several workers (pytest-xdist, `-n auto` in pyproject.toml's addopts) the cores are shared out:
+# each worker and the tools it starts get cores / workers threads instead of all cores each,
+# which would make the workers' OpenMP threads wait on each other.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1:
+    _THREADS = max(1, (os.cpu_count() or 1) // _WORKERS)
+    torch.set_num_threads(_THREADS)
+    os.environ["OMP_NUM_THREADS"] = str(_THREADS)
 
 
 @pytest.fixture
