@@ -208,6 +208,9 @@ def test_a_vae_that_produces_nan_stops_decoding_and_the_tools_say_so(model_file,
         LDMPipeline.from_checkpoint(broken).generate("x", steps=1, seed=0, progress=False)
     assert run(txt2img, "--ckpt", broken, "--prompt", "x", "--steps", "1", "--out", tmp_path / "out")[0] == 2
     assert "error: the VAE decoder of" in capsys.readouterr().err and not list((tmp_path / "out").iterdir())
+    swapped = LDMPipeline.from_checkpoint(model_file).load_vae(broken)  # a VAE file is named as itself
+    with pytest.raises(NonFiniteError, match=rf"the VAE decoder of {broken} produced NaN/Inf"):
+        swapped.generate("x", steps=1, seed=0, progress=False)
     with pytest.warns(UserWarning, match="allow_nan"):
         rc = run(txt2img, "--ckpt", broken, "--prompt", "x", "--steps", "1", "--out", tmp_path / "out", "--allow-nan")[0]
     assert rc == 0 and len(list((tmp_path / "out").iterdir())) == 2  # the image and the grid

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from ldm.config import TextEncoderConfig
-from ldm.models.prompt_encoder import apply_weights, encode_pair, encode_prompts, tokenize_prompt
+from ldm.models.prompt_encoder import apply_weights, chunk_count, encode_pair, encode_prompts, tokenize_prompt
 from ldm.models.text import TextEncoder
 from ldm.models.tokenizer import BOS_ID, EOS_ID
 from ldm.prompts import PromptSyntaxError, parse_prompt
@@ -138,6 +138,15 @@ def test_long_prompt_chunks_of_75_and_comma_backtrack(enc):
     assert second == enc.tokenizer.encode(" ".join(["dog"] * 10))
     assert len(tokenize_prompt(enc, prompt, backtrack=0).ids[0]) == 77
     assert len(body(tokenize_prompt(enc, prompt, backtrack=0).ids[0])) == 75
+
+
+def test_chunk_count_from_the_config_alone_agrees_with_the_encoder(enc):
+    prompts = ["a cat", " ".join(["cat"] * 80), "a BREAK b BREAK c", "(a:1.2) " * 80, ""]
+    counts = [chunk_count(p, enc.cfg) for p in prompts]
+    assert counts == [len(tokenize_prompt(enc, p)) for p in prompts] == [1, 2, 3, 2, 1]
+    assert chunk_count("a BREAK b", enc.cfg, weighting=False) == 1
+    with pytest.raises(PromptSyntaxError, match="never closed"):
+        chunk_count("(a", enc.cfg)
 
 
 def test_break_starts_a_new_chunk(enc):

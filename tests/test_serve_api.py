@@ -150,6 +150,8 @@ BAD = [
     ({"prompt": "x", "override_settings": {"sd_model_checkpoint": "nope"}},
      ["body", "override_settings", "sd_model_checkpoint"], "unknown model"),
     ({"prompt": 5}, ["body", "prompt"], "valid string"),
+    ({"prompt": "a <lora:paper:0.8> cat"}, ["body", "prompt"], "LoRA tags such as <lora:paper:0.8>"),
+    ({"prompt": "x", "negative_prompt": "(blurry"}, ["body", "negative_prompt"], "'(' is never closed"),
 ]
 
 
@@ -181,6 +183,21 @@ def test_bad_img2img_input_is_refused_naming_the_field(client, body, loc, messag
     assert r.status_code == status
     (error,) = r.json()["detail"]
     assert error["loc"] == loc and message in error["msg"]
+
+
+def test_pictures_share_u_net_calls_only_with_prompts_of_their_chunk_count(server):
+    """A prompt longer than the context (or with BREAK) is encoded in more chunks, a longer context:
+    batched with shorter prompts it would pad theirs, so their pictures would differ from their solo runs."""
+    from ldm.serve.a1111 import request_job
+    from ldm.serve.schemas import GenerationRequest
+
+    def key(**body):
+        return request_job(GenerationRequest(**body), server.catalog, Limits(max_size=256))[0].key
+
+    short, long = key(prompt="a red circle"), key(prompt="a red circle BREAK on white")
+    assert (short.chunks, long.chunks) == (1, 2) and short != long
+    assert key(prompt="a red circle", negative_prompt="blurry BREAK dark").chunks == 2
+    assert key(prompt="a blue square") == short
 
 
 def test_unknown_fields_are_ignored_and_data_urls_accepted(client):

@@ -23,13 +23,15 @@ the encoding of an empty prompt, as A1111 pads its unconditional context.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import torch
 
+from ..config import TextEncoderConfig
 from ..prompts import parse_prompt
-from .text import TextEncoder
-from .tokenizer import BOS_ID, EOS_ID
+from .text import PAD_IDS, TextEncoder
+from .text import _tokenizer as shared_tokenizer
+from .tokenizer import BOS_ID, EOS_ID, CLIPTokenizer
 
 COMMA_BACKTRACK = 20  # A1111's `comma_padding_backtrack` default (0 turns the rule off)
 
@@ -49,10 +51,10 @@ class PromptChunks:
 class _Chunker:
     """Fills chunks token by token (A1111's `tokenize_line`)."""
 
-    def __init__(self, encoder: TextEncoder, backtrack: int):
-        self.size = encoder.context_length - 2  # tokens of the prompt per chunk
-        self.pad_id = encoder.pad_id
-        self.comma = encoder.tokenizer.encoder[",</w>"]
+    def __init__(self, tokenizer: CLIPTokenizer, context_length: int, pad_id: int, backtrack: int):
+        self.size = context_length - 2  # tokens of the prompt per chunk
+        self.pad_id = pad_id
+        self.comma = tokenizer.encoder[",</w>"]
         self.backtrack = backtrack
         self.out = PromptChunks()
         self.tokens: list[int] = []
@@ -94,15 +96,28 @@ def tokenize_prompt(
 ) -> PromptChunks:
     """A prompt's chunks. With `weighting=False` the prompt is taken literally (brackets and BREAK
     are text), and only split into chunks."""
+    return _chunks(encoder.tokenizer, encoder.context_length, encoder.pad_id, encoder.added_tokens, prompt,
+                   weighting, backtrack)
+
+
+def chunk_count(prompt: str, cfg: TextEncoderConfig, *, weighting: bool = True) -> int:
+    """How many chunks `prompt` takes in a text encoder of config `cfg` (without textual-inversion
+    words), found without building the encoder: prompts of one count give contexts of one length.
+    Raises `ldm.prompts.PromptSyntaxError` for a prompt the syntax cannot read."""
+    return len(_chunks(shared_tokenizer(), cfg.context_length, PAD_IDS[cfg.kind], {}, prompt, weighting,
+                       COMMA_BACKTRACK))
+
+
+def _chunks(tokenizer: CLIPTokenizer, context_length: int, pad_id: int, added: Mapping[str, list[int]],
+            prompt: str, weighting: bool, backtrack: int) -> PromptChunks:
     sections = parse_prompt(prompt) if weighting else [[(prompt, 1.0)]]
-    added = encoder.added_tokens
     embedding_len = {ids[0]: len(ids) for ids in added.values()}  # an embedding's ids stay together
-    chunker = _Chunker(encoder, backtrack)
+    chunker = _Chunker(tokenizer, context_length, pad_id, backtrack)
     for s, section in enumerate(sections):
         if s:
             chunker.close()  # BREAK
         for text, weight in section:
-            ids = encoder.tokenizer.encode(text, added)
+            ids = tokenizer.encode(text, added)
             i = 0
             while i < len(ids):
                 n = embedding_len.get(ids[i], 1)

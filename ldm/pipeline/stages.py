@@ -226,7 +226,9 @@ class Stages:
         if bool(finite.all()):  # finite values whose sum overflowed
             return
         share = 1 - finite.float().mean().item()
-        where = self.source and (self.source.path or self.source.config)
+        # a swapped-in VAE (`load_vae`) is named by its own file
+        where = self.source and ((network.startswith("VAE") and self.source.vae) or self.source.path
+                                 or self.source.config)
         source = f" of {where}" if where else ""
         message = (f"the {network}{source} produced NaN/Inf ({share:.0%} of the {what}): its weights may hold "
                    f"NaN/Inf, or {str(self.dtype).removeprefix('torch.')} overflowed (try fp32 or bf16)")

@@ -22,8 +22,10 @@ from PIL import Image, ImageFilter, ImageOps
 from ..diffusion import STOCHASTIC_SAMPLERS, parse_sampler
 from ..diffusion.names import A1111_AUTOMATIC, A1111_SAMPLERS, a1111_name
 from ..images import decode_grey, decode_image, png_text_info
+from ..models.prompt_encoder import chunk_count
 from ..pipeline import MAX_SEED
 from ..png_settings import png_text
+from ..prompts import PromptSyntaxError
 from .catalog import ModelCatalog, ModelEntry
 from .queue import BatchKey, ImageTask, Job, JobResult
 from .schemas import UNSUPPORTED, GenerationRequest, Img2ImgRequest
@@ -91,8 +93,22 @@ def request_job(req: GenerationRequest, catalog: ModelCatalog, limits: Limits) -
     cfg = d.cfg if req.cfg_scale is None else req.cfg_scale
     eta = req.eta if sampler in STOCHASTIC_SAMPLERS else None  # A1111 ignores it elsewhere
     key = BatchKey(model=entry.title, mode=mode, width=width, height=height, steps=steps, sampler=sampler,
-                   spacing=spacing, cfg=float(cfg), eta=eta, strength=strength)
+                   spacing=spacing, cfg=float(cfg), eta=eta, strength=strength,
+                   chunks=_chunks(entry, req.prompt, negative))
     return Job(key, tasks, job_id=req.force_task_id), entry
+
+
+def _chunks(entry: ModelEntry, prompt: str, negative: str) -> int:
+    """The chunk count of a prompt and its negative prompt (long prompts, BREAK): pictures share U-Net
+    calls only with pictures of the same count, whose contexts have the same length, so that each
+    equals its solo run. A prompt the weighting syntax cannot read is refused here."""
+    counts = []
+    for field, text in (("prompt", prompt), ("negative_prompt", negative)):
+        try:
+            counts.append(chunk_count(text, entry.cfg.model.text_encoder))
+        except PromptSyntaxError as e:
+            raise BadRequest(field, str(e)) from None
+    return max(counts)
 
 
 def _model(req: GenerationRequest, catalog: ModelCatalog) -> ModelEntry:

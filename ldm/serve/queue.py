@@ -46,6 +46,7 @@ class BatchKey:
     cfg: float = 0.0
     eta: float | None = None
     strength: float | None = None  # img2img and inpaint
+    chunks: int = 1  # the prompt pair's chunk count (ldm.models.prompt_encoder): one context length per call
 
     @property
     def sampling_steps(self) -> int:
