@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import signal
 import time
 import warnings
@@ -31,6 +30,7 @@ from ..data.batches import Batches, check_data, describe, training_batches
 from ..errors import NonFiniteError
 from .checkpoint import list_states, load_training_state, save_training_state
 from .folder import RunFolder
+from .fsdp import check_settings, fsdp_requested, gather, load_optimizer_state, without_accelerate_fsdp
 
 
 def cpu_has_native_bf16() -> bool:
@@ -70,19 +70,14 @@ def make_accelerator(cfg: TrainConfig, project_dir: str):
             "run slower than float32 here; set train.mixed_precision=no",
             stacklevel=2,
         )
-    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
-        # States, EMA and the export read whole state dicts on rank 0, which FSDP shards over all
-        # ranks: refused here rather than hanging at the first save or writing a shard.
-        raise ValueError("FSDP is not supported by the trainers: training states, the EMA and the export need "
-                         "every parameter on rank 0; train with DDP (`accelerate launch --multi_gpu`, or "
-                         "`accelerate config` without FSDP)")
-    return Accelerator(
-        cpu=not torch.cuda.is_available(),  # lets `torchrun` start gloo multi-process runs on CPU-only machines
-        mixed_precision=cfg.mixed_precision,
-        gradient_accumulation_steps=cfg.grad_accum,
-        log_with=log_with,
-        project_config=ProjectConfiguration(project_dir=project_dir, logging_dir=f"{project_dir}/logs"),
-    )
+    with without_accelerate_fsdp():  # an FSDP run's trainer shards its modules itself (ldm.train.fsdp)
+        return Accelerator(
+            cpu=not torch.cuda.is_available(),  # lets `torchrun` start gloo multi-process runs on CPU-only machines
+            mixed_precision=cfg.mixed_precision,
+            gradient_accumulation_steps=cfg.grad_accum,
+            log_with=log_with,
+            project_config=ProjectConfiguration(project_dir=project_dir, logging_dir=f"{project_dir}/logs"),
+        )
 
 
 def make_optimizer(
@@ -217,6 +212,8 @@ class Trainer(ABC):
       NAME, EXPORT_NAME           tracker and progress-bar name, export file name;
       STATE_PARTS, STATE_OBJECTS  the weight files and trainer entries its states hold;
       OPTIMIZERS                  the attribute names of its optimizers (for the disk-space estimate);
+      NO_FSDP                     why it trains with DDP replicas under an FSDP launch, or "" if it
+                                  shards its trained modules then (`self.fsdp`; see ldm.train.fsdp);
       train_step(step, data)      one optimizer step (see `accumulate`) -> (logs, bar postfix);
       state_parts()               (weights by name, trainer objects) for the training state;
       sample_grid(), export()     periodic samples, and the final model file.
@@ -227,6 +224,7 @@ class Trainer(ABC):
     STATE_PARTS: tuple[str, ...] = ()
     STATE_OBJECTS: tuple[str, ...] = ("optimizer", "scheduler")
     OPTIMIZERS: tuple[str, ...] = ("optimizer",)
+    NO_FSDP = "this trainer does not shard its modules"
 
     def __init__(self, cfg: Config, *, resume: bool = False, images: bool = False, overwrite: bool = False,
                  resume_with_changes: bool = False):
@@ -244,6 +242,12 @@ class Trainer(ABC):
         self.data: Batches | None = None
         self._position: dict | None = None  # the data position of the state resumed from
         acc = self.accelerator
+        self.fsdp = fsdp_requested() and acc.num_processes > 1 and not self.NO_FSDP
+        if fsdp_requested() and not self.fsdp:
+            why = f"{self.NO_FSDP}: training with DDP" if acc.num_processes > 1 else "one process has nothing to shard"
+            acc.print(f"{self.NAME}: launched with FSDP, but {why}")
+        if self.fsdp:
+            check_settings(t.mixed_precision)
         self.folder = RunFolder(self.out, self.NAME, self.EXPORT_NAME, main=acc.is_main_process, log=acc.print)
         self.folder.open(resume=resume, overwrite=overwrite)  # rank 0 takes the folder; the others wait
         acc.wait_for_everyone()
@@ -369,6 +373,21 @@ class Trainer(ABC):
     def export(self) -> Path:
         """Write the final model file and return its path."""
 
+    def whole(self, parts: Callable[[], Any]) -> Any:
+        """`parts()` (a nest of state dicts) with whole tensors on the main rank, None on the others.
+        Every rank calls it: under FSDP the shards are gathered; else only the main rank computes."""
+        acc = self.accelerator
+        if self.fsdp:
+            return gather(parts(), acc.is_main_process)
+        return parts() if acc.is_main_process else None
+
+    def load_optimizer(self, optimizer: torch.optim.Optimizer, state: dict) -> None:
+        """Load a saved optimizer state (whole tensors), cut into shards under FSDP."""
+        if self.fsdp:
+            load_optimizer_state(optimizer, state)
+        else:
+            optimizer.load_state_dict(state)
+
     def state_bytes(self) -> int:
         """About how many bytes one training state takes on disk: its tensors, plus the two Adam
         moments of every parameter whose optimizer has not stepped yet."""
@@ -404,9 +423,10 @@ class Trainer(ABC):
         when the free space is known to be short; the previous state stays intact either way."""
         acc = self.accelerator
         acc.wait_for_everyone()
+        parts = self.whole(self.state_parts)
         if not acc.is_main_process:
             return
-        weights, trainer = self.state_parts()
+        weights, trainer = parts
         if self.data is not None:
             position = self.data.position(self.step)
         else:  # saved before reading any data: the resumed position still holds
@@ -437,8 +457,14 @@ class Trainer(ABC):
         self.save_state()
         if self.step < t.steps:
             acc.print(f"stopped at step {self.step} of {t.steps}; continue with --resume")
-            acc.end_training()
+            self.end_trackers()
             return self.out / self.EXPORT_NAME
         path = self.export()
-        acc.end_training()
+        self.end_trackers()
         return path
+
+    def end_trackers(self) -> None:
+        """Close the loggers. Unlike `Accelerator.end_training`, this keeps the process group, which
+        the next stage of a run (stage 2 after stage 1) trains in; it ends with the process."""
+        for tracker in self.accelerator.trackers:
+            tracker.finish()
