@@ -245,6 +245,22 @@ def test_stages_of_different_precision_run_in_one_process(tmp_path, monkeypatch)
     assert loop.make_accelerator(TrainConfig(log_with="none"), str(tmp_path / "c")).mixed_precision == "no"
 
 
+def test_an_fsdp_launch_leaves_accelerate_unsharded_and_one_process_trains_whole(tmp_path, vae_file, monkeypatch,
+                                                                                  capsys):
+    from accelerate.utils import DistributedType
+
+    from ldm.config import TrainConfig
+    from ldm.train import loop
+
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # what `accelerate launch --use_fsdp` sets
+    acc = loop.make_accelerator(TrainConfig(log_with="none"), str(tmp_path / "acc"))
+    assert acc.distributed_type != DistributedType.FSDP  # the trainer shards, not accelerate's prepare
+    assert loop.fsdp_requested()  # the request itself is kept
+    trainer = LDMTrainer(config(tmp_path / "run", vae_file))
+    assert not trainer.fsdp
+    assert "launched with FSDP, but one process has nothing to shard" in capsys.readouterr().out
+
+
 def test_fsdp_training_resumes_and_exports_what_ddp_exports(tmp_path, vae_file):
     out = tmp_path / "dist"
     out.mkdir()
@@ -253,13 +269,14 @@ def test_fsdp_training_resumes_and_exports_what_ddp_exports(tmp_path, vae_file):
          "1", "--mixed_precision", "no", "--dynamo_backend", "no",
          str(ROOT / "tests/dist_fsdp_script.py"), str(out), "2",  # FSDP: stop after step 2, resume in a new trainer
          *TINY, f"train.vae_checkpoint={vae_file}", "train.steps=3", "train.save_every=1", "data.heldout_size=4",
-         'train.mixed_precision="no"'],
+         'train.mixed_precision="no"', "train.batch_size=1", "train.grad_accum=2", "train.sample_every=3"],
         capture_output=True, text=True, timeout=600, cwd=ROOT,
     )
     assert r.returncode == 0, r.stderr[-3000:]
     assert "resumed from" in r.stdout and "state-00000002 at step 2" in r.stdout
     ranks = [json.loads((out / f"rank{i}.json").read_text()) for i in range(2)]
     assert all(rank["fsdp"] and rank["step"] == 3 for rank in ranks)
+    assert (out / "fsdp" / "samples" / "step-00000003.png").is_file()  # rank 0 drew from the gathered EMA
     # Each rank held half of the U-Net and of its EMA, not a replica.
     total = ranks[0]["total"]
     assert sum(rank["local"] for rank in ranks) == total and all(rank["local"] < total for rank in ranks)

@@ -10,6 +10,7 @@ state saved at step k replays steps k+1.. exactly as an uninterrupted run would.
 
 from __future__ import annotations
 
+import atexit
 import json
 import math
 import signal
@@ -70,6 +71,8 @@ def make_accelerator(cfg: TrainConfig, project_dir: str):
             "run slower than float32 here; set train.mixed_precision=no",
             stacklevel=2,
         )
+    atexit.unregister(end_process_group)  # once, however many stages a process runs
+    atexit.register(end_process_group)
     with without_accelerate_fsdp():  # an FSDP run's trainer shards its modules itself (ldm.train.fsdp)
         return Accelerator(
             cpu=not torch.cuda.is_available(),  # lets `torchrun` start gloo multi-process runs on CPU-only machines
@@ -78,6 +81,12 @@ def make_accelerator(cfg: TrainConfig, project_dir: str):
             log_with=log_with,
             project_config=ProjectConfiguration(project_dir=project_dir, logging_dir=f"{project_dir}/logs"),
         )
+
+
+def end_process_group() -> None:
+    """At exit: end the process group that the run's stages trained in (see `Trainer.end_trackers`)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 def make_optimizer(
@@ -465,6 +474,6 @@ class Trainer(ABC):
 
     def end_trackers(self) -> None:
         """Close the loggers. Unlike `Accelerator.end_training`, this keeps the process group, which
-        the next stage of a run (stage 2 after stage 1) trains in; it ends with the process."""
+        the next stage of a run (stage 2 after stage 1) trains in; it ends at exit."""
         for tracker in self.accelerator.trackers:
             tracker.finish()
