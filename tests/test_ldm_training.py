@@ -264,16 +264,18 @@ def test_an_fsdp_launch_leaves_accelerate_unsharded_and_one_process_trains_whole
 def test_fsdp_training_resumes_and_exports_what_ddp_exports(tmp_path, vae_file):
     out = tmp_path / "dist"
     out.mkdir()
+    run = ["train.steps=3", "train.save_every=1", "data.heldout_size=4", 'train.mixed_precision="no"',
+           "train.batch_size=1", "train.grad_accum=2", "train.sample_every=3"]
     r = subprocess.run(
         [sys.executable, "-m", "accelerate.commands.launch", "--use_fsdp", "--num_processes", "2", "--num_machines",
          "1", "--mixed_precision", "no", "--dynamo_backend", "no",
          str(ROOT / "tests/dist_fsdp_script.py"), str(out), "2",  # FSDP: stop after step 2, resume in a new trainer
-         *TINY, f"train.vae_checkpoint={vae_file}", "train.steps=3", "train.save_every=1", "data.heldout_size=4",
-         'train.mixed_precision="no"', "train.batch_size=1", "train.grad_accum=2", "train.sample_every=3"],
+         *TINY, f"train.vae_checkpoint={vae_file}", *run],
         capture_output=True, text=True, timeout=600, cwd=ROOT,
     )
     assert r.returncode == 0, r.stderr[-3000:]
     assert "resumed from" in r.stdout and "state-00000002 at step 2" in r.stdout
+    assert "ldm: FSDP over 2 processes shards the unet and text_encoder" in r.stdout
     ranks = [json.loads((out / f"rank{i}.json").read_text()) for i in range(2)]
     assert all(rank["fsdp"] and rank["step"] == 3 for rank in ranks)
     assert (out / "fsdp" / "samples" / "step-00000003.png").is_file()  # rank 0 drew from the gathered EMA
@@ -300,3 +302,10 @@ def test_fsdp_training_resumes_and_exports_what_ddp_exports(tmp_path, vae_file):
     # ... and the tolerance is far below what one step changes.
     before, _, _ = load_training_state(out / "fsdp" / "state-00000002")
     assert max((before["unet"][k] - wf["unet"][k]).abs().max() for k in wf["unet"]) > 1e-4
+    # The FSDP run's state resumes in a single process, moments and all.
+    single = LDMTrainer(config(out / "fsdp", vae_file, *run, "train.steps=4"), resume=True, resume_with_changes=True)
+    moments = single.optimizer.state_dict()["state"]
+    assert single.step == 3 and all(torch.equal(moments[i]["exp_avg"], tf["optimizer"]["state"][i]["exp_avg"])
+                                    for i in moments)
+    single.train()
+    assert find_latest_state(out / "fsdp").name == "state-00000004"

@@ -90,6 +90,9 @@ class LDMTrainer(Trainer):
                 shard(module, acc.device, t.mixed_precision)
                 if name in self.ema:
                     self.ema[name].shadow = scatter_like(self.ema[name].shadow, module.state_dict())
+            held = sum(p.to_local().numel() for p in unet.parameters())
+            acc.print(f"{self.NAME}: FSDP over {acc.num_processes} processes shards the {' and '.join(trained)}: "
+                      f"{held:,} of the U-Net's {sum(p.numel() for p in unet.parameters()):,} parameters per process")
         optimizer = make_optimizer(self._groups(unet, text_encoder), t)
         if self.fsdp:
             optimizer = acc.prepare(optimizer)
