@@ -83,6 +83,7 @@ class LoRATrainer(LDMTrainer):
 
     NAME = "lora"
     EXPORT_NAME = "lora.safetensors"
+    STATE_PARTS = ("lora",)  # a state holds the adapters, not the frozen base model
     NO_FSDP = "a LoRA trains only its adapters (megabytes), which every rank holds whole"
 
     def __init__(self, cfg: Config, *, resume: bool = False, overwrite: bool = False,
