@@ -99,7 +99,7 @@ def test_shipped_configs_load_by_name_from_anywhere(tmp_path, monkeypatch):
 
 
 def test_mixed_precision_reads_a_bare_no_and_auto_follows_the_device(monkeypatch):
-    from ldm.train import loop
+    from ldm.train import accelerator as loop
 
     assert load_config(SD_TINY, ["train.mixed_precision=no"]).train.mixed_precision == "no"  # YAML's false
     assert load_config(SD_TINY, ["train.mixed_precision=auto"]).train.mixed_precision == "auto"

@@ -7,6 +7,7 @@ import time
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from helpers import ROOT, SD_TINY
 from ldm import LDMPipeline
@@ -233,7 +234,7 @@ def test_init_from_starts_from_a_model_file(tmp_path, vae_file):
 
 def test_stages_of_different_precision_run_in_one_process(tmp_path, monkeypatch):
     from ldm.config import TrainConfig
-    from ldm.train import loop
+    from ldm.train import accelerator as loop
 
     first = loop.make_accelerator(TrainConfig(mixed_precision="no", log_with="none"), str(tmp_path / "a"))
     assert first.mixed_precision == "no"
@@ -244,10 +245,67 @@ def test_stages_of_different_precision_run_in_one_process(tmp_path, monkeypatch)
     assert loop.make_accelerator(TrainConfig(log_with="none"), str(tmp_path / "c")).mixed_precision == "no"
 
 
-def test_fsdp_is_refused_before_training_not_a_hang_at_the_first_save(tmp_path, monkeypatch):
+def test_an_fsdp_launch_leaves_accelerate_unsharded_and_one_process_trains_whole(tmp_path, vae_file, monkeypatch,
+                                                                                  capsys):
+    from accelerate.utils import DistributedType
+
     from ldm.config import TrainConfig
-    from ldm.train import loop
+    from ldm.train import accelerator as loop
 
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # what `accelerate launch --use_fsdp` sets
-    with pytest.raises(ValueError, match="FSDP is not supported by the trainers.*train with DDP"):
-        loop.make_accelerator(TrainConfig(log_with="none"), str(tmp_path))
+    acc = loop.make_accelerator(TrainConfig(log_with="none"), str(tmp_path / "acc"))
+    assert acc.distributed_type != DistributedType.FSDP  # the trainer shards, not accelerate's prepare
+    assert loop.fsdp_requested()  # the request itself is kept
+    trainer = LDMTrainer(config(tmp_path / "run", vae_file))
+    assert not trainer.fsdp
+    assert "launched with FSDP, but one process has nothing to shard" in capsys.readouterr().out
+
+
+def test_fsdp_training_resumes_and_exports_what_ddp_exports(tmp_path, vae_file):
+    out = tmp_path / "dist"
+    out.mkdir()
+    run = ["train.steps=3", "train.save_every=1", "data.heldout_size=4", 'train.mixed_precision="no"',
+           "train.batch_size=1", "train.grad_accum=2", "train.sample_every=3"]
+    r = subprocess.run(
+        [sys.executable, "-m", "accelerate.commands.launch", "--use_fsdp", "--num_processes", "2", "--num_machines",
+         "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+         str(ROOT / "tests/dist_fsdp_script.py"), str(out), "2",  # FSDP: stop after step 2, resume in a new trainer
+         *TINY, f"train.vae_checkpoint={vae_file}", *run],
+        capture_output=True, text=True, timeout=600, cwd=ROOT,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "resumed from" in r.stdout and "state-00000002 at step 2" in r.stdout
+    assert "ldm: FSDP over 2 processes shards the unet and text_encoder" in r.stdout
+    ranks = [json.loads((out / f"rank{i}.json").read_text()) for i in range(2)]
+    assert all(rank["fsdp"] and rank["step"] == 3 for rank in ranks)
+    assert (out / "fsdp" / "samples" / "step-00000003.png").is_file()  # rank 0 drew from the gathered EMA
+    # Each rank held half of the U-Net and of its EMA, not a replica.
+    total = ranks[0]["total"]
+    assert sum(rank["local"] for rank in ranks) == total and all(rank["local"] < total for rank in ranks)
+    assert [rank["ema_local"] for rank in ranks] == [rank["local"] for rank in ranks]
+
+    def close(a: dict, b: dict, atol: float = 5e-5) -> None:
+        assert a.keys() == b.keys()
+        for k in a:
+            assert torch.allclose(a[k].float(), b[k].float(), rtol=0, atol=atol), (k, (a[k] - b[k]).abs().max())
+
+    # The export and the final state (weights, EMA, Adam moments) equal the DDP run's within float
+    # tolerance (the ranks sum gradients in another order), in the same layout.
+    close(load_file(out / "ddp" / "model.safetensors"), load_file(out / "fsdp" / "model.safetensors"))
+    (wd, td, _), (wf, tf, _) = (unet_state(out / run) for run in ("ddp", "fsdp"))
+    for part in ("unet", "text_encoder"):
+        close(wd[part], wf[part])
+        close(td["ema"][part]["shadow"], tf["ema"][part]["shadow"])
+    assert td["optimizer"]["param_groups"] == tf["optimizer"]["param_groups"]
+    for i, moments in td["optimizer"]["state"].items():
+        close(moments, tf["optimizer"]["state"][i])
+    # ... and the tolerance is far below what one step changes.
+    before, _, _ = load_training_state(out / "fsdp" / "state-00000002")
+    assert max((before["unet"][k] - wf["unet"][k]).abs().max() for k in wf["unet"]) > 1e-4
+    # The FSDP run's state resumes in a single process, moments and all.
+    single = LDMTrainer(config(out / "fsdp", vae_file, *run, "train.steps=4"), resume=True, resume_with_changes=True)
+    moments = single.optimizer.state_dict()["state"]
+    assert single.step == 3 and all(torch.equal(moments[i]["exp_avg"], tf["optimizer"]["state"][i]["exp_avg"])
+                                    for i in moments)
+    single.train()
+    assert find_latest_state(out / "fsdp").name == "state-00000004"

@@ -25,6 +25,7 @@ from ..models import build_models
 from ..pipeline import LDMPipeline
 from .checkpoint import read_state_json
 from .ema import EMA
+from .fsdp import scatter_like, shard
 from .loop import Trainer, caption_keep_mask, make_lr_scheduler, make_optimizer, step_generator
 
 DEFAULT_PROMPTS = (
@@ -39,6 +40,7 @@ class LDMTrainer(Trainer):
     """Owns one stage-2 run: models, optimizer, EMA, data position, and the output directory."""
 
     NAME = "ldm"
+    NO_FSDP = ""  # the U-Net (and a trained text encoder) are sharded under FSDP
     STATE_PARTS = ("unet", "text_encoder")
     STATE_OBJECTS = ("optimizer", "scheduler", "ema")
 
@@ -66,12 +68,6 @@ class LDMTrainer(Trainer):
             unet.to(memory_format=torch.channels_last)
         self.train_text = cfg.model.text_encoder.trainable
         self.schedule = Schedule.from_config(cfg.model.diffusion)
-        text_params = list(text_encoder.parameters()) if self.train_text else []
-        if t.text_encoder_lr is None:  # one group: states saved before the option still load
-            groups = [{"params": [*unet.parameters(), *text_params]}]
-        else:  # make_optimizer drops the text group when it is empty (a frozen text encoder)
-            groups = [{"params": list(unet.parameters())}, {"params": text_params, "lr": t.text_encoder_lr}]
-        optimizer = make_optimizer(groups, t)
         self.ema = {"unet": EMA(unet, t.ema_decay)} if t.ema_decay > 0 else {}
         if self.ema and self.train_text:
             self.ema["text_encoder"] = EMA(text_encoder, t.ema_decay)
@@ -85,17 +81,29 @@ class LDMTrainer(Trainer):
                 ema.load_state_dict(trainer["ema"][name])
 
         # A frozen text encoder has nothing for DDP to synchronise: only trained modules are wrapped.
-        text_encoder = text_encoder.to(acc.device)
+        unet, text_encoder = unet.to(acc.device), text_encoder.to(acc.device)
         if t.compile is not None:  # in place: state-dict keys stay; static shapes, timesteps are tensors
             unet.compile(mode=t.compile, dynamic=False)
-        if self.train_text:
-            unet, text_encoder, optimizer = acc.prepare(unet, text_encoder, optimizer)
+        trained = {"unet": unet, "text_encoder": text_encoder} if self.train_text else {"unet": unet}
+        if self.fsdp:  # sharded in place (the EMA too); the optimizer is built on the shards
+            for name, module in trained.items():
+                shard(module, acc.device, acc.mixed_precision)
+                if name in self.ema:
+                    self.ema[name].shadow = scatter_like(self.ema[name].shadow, module.state_dict())
+            held = sum(p.to_local().numel() for p in unet.parameters())
+            acc.print(f"{self.NAME}: FSDP over {acc.num_processes} processes shards the {' and '.join(trained)}: "
+                      f"{held:,} of the U-Net's {sum(p.numel() for p in unet.parameters()):,} parameters per process")
+        optimizer = make_optimizer(self._groups(unet, text_encoder), t)
+        if self.fsdp:
+            optimizer = acc.prepare(optimizer)
         else:
-            unet, optimizer = acc.prepare(unet, optimizer)
+            *prepared, optimizer = acc.prepare(*trained.values(), optimizer)
+            trained = dict(zip(trained, prepared))
+            unet, text_encoder = trained["unet"], trained.get("text_encoder", text_encoder)
         scheduler = make_lr_scheduler(optimizer, t)
         if state is not None:
             # After the scheduler exists: its constructor resets the learning rate that this restores.
-            optimizer.load_state_dict(trainer["optimizer"])
+            self.load_optimizer(optimizer, trainer["optimizer"])
             scheduler.load_state_dict(trainer["scheduler"])
             self.resumed()
         self.unet, self.text_encoder, self.optimizer, self.scheduler = unet, text_encoder, optimizer, scheduler
@@ -155,6 +163,15 @@ class LDMTrainer(Trainer):
             self._write_metrics(heldout_loss_start=self.heldout_loss())
         return super().train(until)
 
+    def _groups(self, unet: torch.nn.Module, text_encoder: torch.nn.Module) -> list[dict]:
+        """The optimizer's parameter groups: the U-Net's, and the text encoder's when it trains."""
+        t = self.cfg.train
+        text_params = list(text_encoder.parameters()) if self.train_text else []
+        if t.text_encoder_lr is None:  # one group: states saved before the option still load
+            return [{"params": [*unet.parameters(), *text_params]}]
+        # make_optimizer drops the text group when it is empty (a frozen text encoder)
+        return [{"params": list(unet.parameters())}, {"params": text_params, "lr": t.text_encoder_lr}]
+
     def train_mode(self) -> None:
         self.unet.train()
         self.text_encoder.train()
@@ -183,13 +200,15 @@ class LDMTrainer(Trainer):
             self._heldout = heldout_items(self.cfg.data, self.cfg.train.seed)
         return self._heldout
 
-    def heldout_loss(self) -> float:
-        """Mean denoising loss of the EMA model on the held-out items (fixed noise and timesteps)."""
-        acc = self.accelerator
-        if not acc.is_main_process:
+    def heldout_loss(self, pipe: LDMPipeline | None = None) -> float:
+        """Mean denoising loss of the EMA model on the held-out items (fixed noise and timesteps),
+        on the main rank (NaN on the others). Every rank calls it, unless `pipe` is given."""
+        if pipe is None:
+            pipe = self.inference_pipeline()
+        if pipe is None:  # not the main rank
             return float("nan")
-        with torch.random.fork_rng(devices=[]):  # building the copy draws initial weights
-            return heldout_loss(self.inference_pipeline(), self.heldout())["loss"]
+        with torch.random.fork_rng(devices=[]):
+            return heldout_loss(pipe, self.heldout())["loss"]
 
     def _write_metrics(self, **values: float) -> None:
         """Merge `values` into <output_dir>/metrics.json and say them (rank 0)."""
@@ -205,24 +224,32 @@ class LDMTrainer(Trainer):
             if name in when:
                 acc.print(f"held-out denoising loss {when[name]}: {value:.4f} ({len(self.heldout())} images)")
 
-    def inference_pipeline(self) -> LDMPipeline:
-        """A pipeline on the EMA weights (the trained ones when EMA is off), on this device."""
+    def inference_pipeline(self) -> LDMPipeline | None:
+        """A pipeline on the EMA weights (the trained ones when EMA is off), on this device, on the
+        main rank (None on the others). Every rank calls it: under FSDP the weights are gathered."""
         acc = self.accelerator
-        unet, _, text_encoder = build_models(self.cfg.model)
-        for name, module in (("unet", unet), ("text_encoder", text_encoder)):
-            trained = acc.unwrap_model(getattr(self, name))
-            state = self.ema[name].state_dict_for(trained) if name in self.ema else trained.state_dict()
-            module.load_state_dict(state)
+
+        def weights():
+            modules = {name: acc.unwrap_model(getattr(self, name)) for name in ("unet", "text_encoder")}
+            return {name: self.ema[name].state_dict_for(module) if name in self.ema else module.state_dict()
+                    for name, module in modules.items()}
+
+        whole = self.whole(weights)
+        if whole is None:
+            return None
+        with torch.random.fork_rng(devices=[]):  # building the copy draws initial weights
+            unet, _, text_encoder = build_models(self.cfg.model)
+        unet.load_state_dict(whole["unet"])
+        text_encoder.load_state_dict(whole["text_encoder"])
         pipe = LDMPipeline(self.vae, unet, text_encoder, self.cfg.model.diffusion, defaults=self.cfg.sample)
         return pipe.to(acc.device)
 
     def sample_grid(self) -> Path | None:
         """Samples of `train.sample_prompts` (default: the first held-out captions) at fixed seeds."""
-        acc = self.accelerator
-        if not acc.is_main_process:
+        pipe = self.inference_pipeline()
+        if pipe is None:
             return None
         t = self.cfg.train
-        pipe = self.inference_pipeline()
         prompts = self.prompts or [item["caption"] for item in self.heldout()[:4]]
         images = pipe.generate(
             prompts, steps=t.sample_steps, cfg=t.sample_cfg, seed=0, sampler="dpmpp_2m", progress=False,
@@ -238,9 +265,10 @@ class LDMTrainer(Trainer):
         """The final inference model file (EMA weights), loadable by LDMPipeline.from_checkpoint."""
         acc = self.accelerator
         path = self.out / "model.safetensors"
+        pipe = self.inference_pipeline()
         if acc.is_main_process:
-            self.write_export(f"the model file {path.name}", lambda: self.inference_pipeline().save(path))
+            self.write_export(f"the model file {path.name}", lambda: pipe.save(path))
             acc.print(f"exported {path}")
-            self._write_metrics(heldout_loss=self.heldout_loss(), steps=self.step)
+            self._write_metrics(heldout_loss=self.heldout_loss(pipe), steps=self.step)
         acc.wait_for_everyone()
         return path

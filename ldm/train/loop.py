@@ -12,10 +12,8 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import signal
 import time
-import warnings
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,70 +29,8 @@ from ..data.batches import Batches, check_data, describe, training_batches
 from ..errors import NonFiniteError
 from .checkpoint import list_states, load_training_state, save_training_state
 from .folder import RunFolder
-
-
-def cpu_has_native_bf16() -> bool:
-    """Whether this CPU computes bfloat16 natively (AVX512-BF16 or AMX tiles): where it does, bf16
-    autocast (with channels_last) makes sd_tiny's training steps ~1.2x faster on CPU; where not, it
-    can make them slower."""
-    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
-    return any(getattr(torch.cpu, name, lambda: False)() for name in probes)
-
-
-def resolve_mixed_precision(setting: str) -> str:
-    """`train.mixed_precision` as accelerate takes it: "auto" becomes "bf16" where this device
-    computes bfloat16 natively (a CUDA GPU with bf16, a CPU with AVX512-BF16 or AMX) and "no"
-    elsewhere, where bf16 autocast would be emulated and run slower than float32."""
-    if setting != "auto":
-        return setting
-    if torch.cuda.is_available():
-        return "bf16" if torch.cuda.is_bf16_supported() else "no"
-    return "bf16" if cpu_has_native_bf16() else "no"
-
-
-def make_accelerator(cfg: TrainConfig, project_dir: str):
-    """An Accelerator for single or multi-process runs (launched with `accelerate launch`)."""
-    from accelerate import Accelerator
-    from accelerate.utils import ProjectConfiguration
-
-    log_with = None if cfg.log_with == "none" else cfg.log_with
-    if log_with == "tensorboard":
-        try:
-            import tensorboard  # noqa: F401
-        except ImportError:
-            log_with = None
-    elif log_with == "wandb":
-        try:
-            import wandb  # noqa: F401
-        except ImportError as e:
-            raise ImportError("train.log_with=wandb needs `pip install wandb` (or use tensorboard/none)") from e
-    from accelerate.state import AcceleratorState
-
-    # Accelerate keeps one precision per process, and a run's stages may differ (train_ldm.py trains
-    # the VAE, then the LDM, in one process): a new precision resets that state, keeping the
-    # process group.
-    precision = resolve_mixed_precision(cfg.mixed_precision)
-    if AcceleratorState._shared_state.get("_mixed_precision", precision) != precision:
-        AcceleratorState._reset_state(reset_partial_state=False)
-    if cfg.mixed_precision == "bf16" and not torch.cuda.is_available() and not cpu_has_native_bf16():
-        warnings.warn(
-            "train.mixed_precision=bf16 on a CPU without native bfloat16 (AVX512-BF16 or AMX): autocast may "
-            "run slower than float32 here; set train.mixed_precision=no (or auto)",
-            stacklevel=2,
-        )
-    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
-        # States, EMA and the export read whole state dicts on rank 0, which FSDP shards over all
-        # ranks: refused here rather than hanging at the first save or writing a shard.
-        raise ValueError("FSDP is not supported by the trainers: training states, the EMA and the export need "
-                         "every parameter on rank 0; train with DDP (`accelerate launch --multi_gpu`, or "
-                         "`accelerate config` without FSDP)")
-    return Accelerator(
-        cpu=not torch.cuda.is_available(),  # lets `torchrun` start gloo multi-process runs on CPU-only machines
-        mixed_precision=precision,
-        gradient_accumulation_steps=cfg.grad_accum,
-        log_with=log_with,
-        project_config=ProjectConfiguration(project_dir=project_dir, logging_dir=f"{project_dir}/logs"),
-    )
+from .accelerator import make_accelerator
+from .fsdp import check_settings, fsdp_requested, gather, load_optimizer_state
 
 
 def make_optimizer(
@@ -229,6 +165,8 @@ class Trainer(ABC):
       NAME, EXPORT_NAME           tracker and progress-bar name, export file name;
       STATE_PARTS, STATE_OBJECTS  the weight files and trainer entries its states hold;
       OPTIMIZERS                  the attribute names of its optimizers (for the disk-space estimate);
+      NO_FSDP                     why it trains with DDP replicas under an FSDP launch, or "" if it
+                                  shards its trained modules then (`self.fsdp`; see ldm.train.fsdp);
       train_step(step, data)      one optimizer step (see `accumulate`) -> (logs, bar postfix);
       state_parts()               (weights by name, trainer objects) for the training state;
       sample_grid(), export()     periodic samples, and the final model file.
@@ -239,6 +177,7 @@ class Trainer(ABC):
     STATE_PARTS: tuple[str, ...] = ()
     STATE_OBJECTS: tuple[str, ...] = ("optimizer", "scheduler")
     OPTIMIZERS: tuple[str, ...] = ("optimizer",)
+    NO_FSDP = "this trainer does not shard its modules"
 
     def __init__(self, cfg: Config, *, resume: bool = False, images: bool = False, overwrite: bool = False,
                  resume_with_changes: bool = False):
@@ -256,6 +195,12 @@ class Trainer(ABC):
         self.data: Batches | None = None
         self._position: dict | None = None  # the data position of the state resumed from
         acc = self.accelerator
+        self.fsdp = fsdp_requested() and acc.num_processes > 1 and not self.NO_FSDP
+        if fsdp_requested() and not self.fsdp:
+            why = f"{self.NO_FSDP}: training with DDP" if acc.num_processes > 1 else "one process has nothing to shard"
+            acc.print(f"{self.NAME}: launched with FSDP, but {why}")
+        if self.fsdp:
+            check_settings(acc.mixed_precision)
         self.folder = RunFolder(self.out, self.NAME, self.EXPORT_NAME, main=acc.is_main_process, log=acc.print)
         self.folder.open(resume=resume, overwrite=overwrite)  # rank 0 takes the folder; the others wait
         acc.wait_for_everyone()
@@ -383,6 +328,21 @@ class Trainer(ABC):
     def export(self) -> Path:
         """Write the final model file and return its path."""
 
+    def whole(self, parts: Callable[[], Any]) -> Any:
+        """`parts()` (a nest of state dicts) with whole tensors on the main rank, None on the others.
+        Every rank calls it: under FSDP the shards are gathered; else only the main rank computes."""
+        acc = self.accelerator
+        if self.fsdp:
+            return gather(parts(), acc.is_main_process)
+        return parts() if acc.is_main_process else None
+
+    def load_optimizer(self, optimizer: torch.optim.Optimizer, state: dict) -> None:
+        """Load a saved optimizer state (whole tensors), cut into shards under FSDP."""
+        if self.fsdp:
+            load_optimizer_state(optimizer, state)
+        else:
+            optimizer.load_state_dict(state)
+
     def state_bytes(self) -> int:
         """About how many bytes one training state takes on disk: its tensors, plus the two Adam
         moments of every parameter whose optimizer has not stepped yet."""
@@ -418,9 +378,10 @@ class Trainer(ABC):
         when the free space is known to be short; the previous state stays intact either way."""
         acc = self.accelerator
         acc.wait_for_everyone()
+        parts = self.whole(self.state_parts)
         if not acc.is_main_process:
             return
-        weights, trainer = self.state_parts()
+        weights, trainer = parts
         if self.data is not None:
             position = self.data.position(self.step)
         else:  # saved before reading any data: the resumed position still holds
@@ -451,8 +412,14 @@ class Trainer(ABC):
         self.save_state()
         if self.step < t.steps:
             acc.print(f"stopped at step {self.step} of {t.steps}; continue with --resume")
-            acc.end_training()
+            self.end_trackers()
             return self.out / self.EXPORT_NAME
         path = self.export()
-        acc.end_training()
+        self.end_trackers()
         return path
+
+    def end_trackers(self) -> None:
+        """Close the loggers. Unlike `Accelerator.end_training`, this keeps the process group, which
+        the next stage of a run (stage 2 after stage 1) trains in; it ends at exit."""
+        for tracker in self.accelerator.trackers:
+            tracker.finish()

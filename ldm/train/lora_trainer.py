@@ -83,6 +83,8 @@ class LoRATrainer(LDMTrainer):
 
     NAME = "lora"
     EXPORT_NAME = "lora.safetensors"
+    STATE_PARTS = ("lora",)  # a state holds the adapters, not the frozen base model
+    NO_FSDP = "a LoRA trains only its adapters (megabytes), which every rank holds whole"
 
     def __init__(self, cfg: Config, *, resume: bool = False, overwrite: bool = False,
                  resume_with_changes: bool = False):
@@ -150,8 +152,11 @@ class LoRATrainer(LDMTrainer):
         trainer = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(), "ema": {}}
         return {"lora": self.lora.state_dict()}, trainer
 
-    def inference_pipeline(self) -> LDMPipeline:
-        """A pipeline on the base networks with the LoRA as trained (its hooks stay attached)."""
+    def inference_pipeline(self) -> LDMPipeline | None:
+        """A pipeline on the base networks with the LoRA as trained (its hooks stay attached), on
+        the main rank (None on the others)."""
+        if not self.accelerator.is_main_process:
+            return None
         return LDMPipeline(self.vae, self.base_unet, self.text_encoder, self.cfg.model.diffusion,
                            defaults=self.cfg.sample)
 

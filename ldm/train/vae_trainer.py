@@ -114,6 +114,8 @@ class VAETrainer(Trainer):
     STATE_PARTS = ("vae", "disc")
     STATE_OBJECTS = ("optimizer", "disc_optimizer", "scheduler", "ema")
     OPTIMIZERS = ("optimizer", "disc_optimizer")
+    NO_FSDP = ("the autoencoder is small (SD's: 84M parameters, 1.3 GB with gradients and AdamW moments), so every "
+               "rank holds it whole")
 
     def __init__(self, cfg: Config, *, resume: bool = False, overwrite: bool = False,
                  resume_with_changes: bool = False):
