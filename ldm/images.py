@@ -211,7 +211,8 @@ def make_grid(images: Sequence[Image.Image], cols: int | None = None) -> Image.I
 # ---------------------------------------------------------------------------------------------
 
 # The settings of `image.info` that `png_info` writes, each under its own key.
-PNG_FIELDS = ("prompt", "negative_prompt", "seed", "sampler", "steps", "cfg", "spacing", "width", "height", "strength")
+PNG_FIELDS = ("prompt", "negative_prompt", "seed", "sampler", "steps", "cfg", "spacing", "width", "height", "strength",
+              "noise_level", "upscale", "tile_size", "hires_scale", "hires_steps", "hires_upscaler")
 
 
 def png_info(info: Mapping, model: str | None = None) -> PngInfo:
@@ -228,6 +229,9 @@ def png_info(info: Mapping, model: str | None = None) -> PngInfo:
         f"Steps: {info.get('steps')}, Sampler: {info.get('sampler')}, CFG scale: {info.get('cfg')}, "
         f"Seed: {info.get('seed')}, Size: {info.get('width')}x{info.get('height')}"
         + (f", Denoising strength: {info['strength']}" if "strength" in info else "")
+        + (f", Noise level: {info['noise_level']}" if "noise_level" in info else "")
+        + (f", Hires upscale: {info['hires_scale']}, Hires steps: {info['hires_steps']}, "
+           f"Hires upscaler: {Path(str(info['hires_upscaler'])).name}" if "hires_scale" in info else "")
         + (f", Model: {Path(model).name}" if model else "")
     )
     meta.add_text("parameters", parameters)

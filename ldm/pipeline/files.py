@@ -44,7 +44,8 @@ def load_model(
 
 def _with_prediction_type(pipe: LDMPipeline, prediction_type: str) -> LDMPipeline:
     diffusion = dataclasses.replace(pipe.diffusion, prediction_type=normalise_prediction_type(prediction_type))
-    return LDMPipeline(pipe.vae, pipe.unet, pipe.text_encoder, diffusion, defaults=pipe.defaults)
+    return LDMPipeline(pipe.vae, pipe.unet, pipe.text_encoder, diffusion, defaults=pipe.defaults,
+                       low_res=pipe.model_config.low_res)
 
 
 def save_model(pipe: LDMPipeline, path: str | Path, fmt: str | None = None, *,
