@@ -72,13 +72,7 @@ def read_model_file(path: str | Path) -> tuple[dict[str, dict[str, torch.Tensor]
             f"{path} is not a readable .safetensors file ({e}); it may be truncated or corrupt: "
             "re-export or re-download it"
         ) from None
-    config = None
-    if CONFIG_KEY in metadata:
-        try:
-            config = from_dict(Config, json.loads(metadata[CONFIG_KEY]))
-            config.validate()
-        except (ConfigError, json.JSONDecodeError) as e:
-            raise CheckpointError(f"{path}: the config stored in its metadata is invalid: {e}") from None
+    config = _stored_config(metadata, path)
     parts: dict[str, dict[str, torch.Tensor]] = {name: {} for name in PREFIXES}
     stray = []
     for key, value in tensors.items():
@@ -94,6 +88,30 @@ def read_model_file(path: str | Path) -> tuple[dict[str, dict[str, torch.Tensor]
             f"expected only keys under {', '.join(PREFIXES.values())}"
         )
     return parts, config
+
+
+def read_model_config(path: str | Path) -> Config | None:
+    """The config a model file's metadata holds (None when it carries none), without reading its tensors."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}" if not path.exists() else f"{path} is not a file")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{path} is not a readable .safetensors file ({e})") from None
+    return _stored_config(metadata, path)
+
+
+def _stored_config(metadata: Mapping[str, str], path: Path) -> Config | None:
+    if CONFIG_KEY not in metadata:
+        return None
+    try:
+        config = from_dict(Config, json.loads(metadata[CONFIG_KEY]))
+        config.validate()
+    except (ConfigError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path}: the config stored in its metadata is invalid: {e}") from None
+    return config
 
 
 def load_vae_file(path: str | Path) -> AutoencoderKL:
