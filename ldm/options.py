@@ -41,7 +41,9 @@ class SamplingOptions:
     height: int | None = None  # text-to-image only (img2img and inpaint draw at their image's size)
     width: int | None = None
     strength: float | None = None  # img2img, inpaint and hires fix's redraw: the noise level to start from, in [0, 1]
-    noise_level: int | None = None  # upscale only: noise added to the low-resolution input; None: the model's
+    # upscale only: noise added to the low-resolution input, 0..max_noise_level (checked by upscale,
+    # which knows the model's range); None: the model's default
+    noise_level: int | None = None
     # Hires fix (generate only): generate at height x width, upscale by hires_scale with hires_upscaler
     # ("latent": interpolate the latents; else the name of an upscaler model), then redraw at the
     # larger size with img2img at `strength` (default 0.5) over a hires_steps-step schedule (default: steps).
@@ -91,9 +93,6 @@ class SamplingOptions:
             raise ValueError(f"guidance_rescale must be in [0, 1] (got {rescale!r}); 0.7 is typical")
         if self.strength is not None:
             check_strength(self.strength)
-        if self.noise_level is not None and (isinstance(self.noise_level, bool) or not isinstance(self.noise_level, int)
-                                             or self.noise_level < 0):
-            raise ValueError(f"noise_level must be an integer >= 0 (got {self.noise_level!r}); 20 is typical")
         choice = parse_sampler(sampler, self.spacing)  # ours, A1111's or ComfyUI's names
         if self.eta is not None and choice.sampler not in STOCHASTIC_SAMPLERS:
             raise ValueError(

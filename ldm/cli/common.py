@@ -10,12 +10,14 @@ from typing import Callable, Sequence
 
 from PIL import Image
 
+from ..checkpoint import read_model_config
+from ..config import load_config
 from ..devices import DTYPES, pick_device, pick_dtype
 from ..diffusion import SAMPLERS, SPACINGS, STOCHASTIC_SAMPLERS, parse_sampler, parse_schedule
 from ..images import make_grid, save_png
 from ..models.attention import ATTENTION_BACKENDS
 from ..options import SamplingOptions
-from ..pipeline import LDMPipeline
+from ..pipeline import LDMPipeline, check_model_kind
 
 # Bad input (configs, checkpoints, arguments) raises these; ConfigError and CheckpointError are ValueErrors.
 USER_ERRORS = (ValueError, ImportError)
@@ -90,8 +92,9 @@ def sampling_options(args: argparse.Namespace) -> SamplingOptions:
     return SamplingOptions(**{name: getattr(args, name) for name in SamplingOptions.names() if hasattr(args, name)})
 
 
-def load_pipeline(args: argparse.Namespace) -> LDMPipeline:
-    """Build the pipeline the --ckpt/--config/--device/--dtype arguments describe."""
+def load_pipeline(args: argparse.Namespace, kind: str = "text-to-image") -> LDMPipeline:
+    """Build the pipeline the --ckpt/--config/--device/--dtype arguments describe; a model that is not
+    of `kind` is refused before its weights load."""
     if not args.ckpt and not args.config:
         raise SystemExit("error: pass --ckpt MODEL.safetensors (trained weights) or --config CONFIG.yaml (random weights)")
     if args.overrides and not args.config:
@@ -99,11 +102,14 @@ def load_pipeline(args: argparse.Namespace) -> LDMPipeline:
     device = pick_device(args.device)
     dtype = pick_dtype(args.dtype, device)
     if args.ckpt:
+        check_model_kind(read_model_config(args.ckpt), kind, args.ckpt)
         pipe = LDMPipeline.from_checkpoint(args.ckpt, device=device, dtype=dtype)
     else:
+        cfg = load_config(args.config, args.overrides)
+        check_model_kind(cfg, kind, args.config)
         print(f"note: {args.config} is built with random weights; expect noise-like images until it is trained",
               file=sys.stderr)
-        pipe = LDMPipeline.from_config(args.config, args.overrides, device=device, dtype=dtype)
+        pipe = LDMPipeline.from_config(cfg, device=device, dtype=dtype)
     return pipe.set_attention_backend(args.attention)
 
 

@@ -142,7 +142,7 @@ class LDMPipeline(Loading, Stages, Upscaling):
         `image.info`) or, with `output_type="tensor"`, a (B, 3, H, W) tensor in [0, 1].
         """
         # 1. check inputs: every mistake is reported before any work is done
-        if upscaler is not None:
+        if upscaler is not None and options.get("hires_scale") is not None:
             options.setdefault("hires_upscaler", UPSCALER_MODEL)
         opts = self._options("generate", options, output_type, prompt=prompt, negative_prompt=negative_prompt)
         prompts = check_prompts(opts.prompt)
