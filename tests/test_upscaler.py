@@ -144,9 +144,17 @@ def test_config_errors_name_the_fix(overrides, message):
         load_config(X4, overrides)
 
 
+def test_sr_tiny_upscales_32_px_to_128_px():
+    cfg = load_config(CONFIGS / "sr_tiny.yaml")
+    assert count_parameters(cfg.model)["unet"] == 4_052_868  # the number in its comment
+    pipe = LDMPipeline.from_config(cfg)
+    out = pipe.upscale(torch.rand(1, 3, 32, 32), steps=1, seed=0, output_type="tensor", progress=False)
+    assert out.shape == (1, 3, 128, 128)
+
+
 def test_existing_configs_have_no_upscaler_parts():
     for name in ("sd15", "sd21", "sd_tiny"):
-        cfg = load_config(ROOT / "configs" / f"{name}.yaml").model
+        cfg = load_config(CONFIGS / f"{name}.yaml").model
         assert cfg.low_res is None and cfg.unet.num_classes is None and cfg.unet.disable_self_attentions == ()
 
 
