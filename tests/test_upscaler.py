@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import functools
+import json
 import math
 import subprocess
 import sys
@@ -16,6 +17,7 @@ from PIL import Image
 from helpers import CONFIGS, FAST, ROOT, TINY, randomize
 from ldm import LDMPipeline
 from ldm.bench import randomize_weights_
+from ldm.cli import eval as evaluate
 from ldm.cli import txt2img, upscale
 from ldm.cli.common import run_main
 from ldm.config import load_config
@@ -507,3 +509,24 @@ def test_txt2img_hires_fix_with_an_upscaler_model(model_files, tmp_path, capsys)
     assert (text["hires_scale"], text["hires_upscaler"], text["strength"], text["width"]) == ("2.0", str(sr), "0.5", "32")
     assert "Size: 32x32, Denoising strength: 0.5, Hires upscale: 2.0, Hires steps: 2, Hires upscaler: sr.safetensors" \
         in text["parameters"]
+
+
+def test_eval_scores_an_upscaler_against_bicubic(model_files, tmp_path, capsys):
+    sr, _, _ = model_files
+    grid, out = tmp_path / "grid.png", tmp_path / "metrics.json"
+    assert evaluate.main(["--ckpt", str(sr), "--n", "2", "--steps", "2", "--grid", str(grid), "--out", str(out)]) == 0
+    metrics = json.loads(out.read_text())
+    assert metrics["n"] == 2 and {"loss", "psnr_bicubic", "psnr_model", "hf_ratio_bicubic", "hf_ratio_model"} <= set(metrics)
+    assert 0 < metrics["hf_ratio_bicubic"] < 1  # bicubic loses the fine detail of the shapes' edges
+    assert Image.open(grid).size == (4 * 64, 2 * 64)  # low-res, bicubic, model, truth; one row per image
+
+
+def test_superres_measures_on_analytic_cases():
+    from ldm.eval.superres import bicubic_upscale, high_frequency_energy, psnr
+
+    truth = torch.full((2, 3, 16, 16), 0.5)
+    assert torch.allclose(psnr(truth + 0.1, truth), torch.tensor([20.0, 20.0]))  # MSE 0.01
+    assert torch.equal(high_frequency_energy(truth), torch.zeros(2))  # a flat image has no fine detail
+    checker = (torch.arange(16)[:, None] + torch.arange(16)[None]) % 2 * torch.ones(1, 3, 1, 1)  # (1, 3, 16, 16)
+    assert float(high_frequency_energy(checker)) > 0.2  # nearly all of its energy (0.25 around the mean) is fine
+    torch.testing.assert_close(bicubic_upscale(truth[:, :, :4, :4], 4), truth)

@@ -92,9 +92,9 @@ def sampling_options(args: argparse.Namespace) -> SamplingOptions:
     return SamplingOptions(**{name: getattr(args, name) for name in SamplingOptions.names() if hasattr(args, name)})
 
 
-def load_pipeline(args: argparse.Namespace, kind: str = "text-to-image") -> LDMPipeline:
+def load_pipeline(args: argparse.Namespace, kind: str | None = "text-to-image") -> LDMPipeline:
     """Build the pipeline the --ckpt/--config/--device/--dtype arguments describe; a model that is not
-    of `kind` is refused before its weights load."""
+    of `kind` (None: any) is refused before its weights load."""
     if not args.ckpt and not args.config:
         raise SystemExit("error: pass --ckpt MODEL.safetensors (trained weights) or --config CONFIG.yaml (random weights)")
     if args.overrides and not args.config:

@@ -40,12 +40,12 @@ def load_model(
     return pipe
 
 
-def check_model_kind(config: Config | None, kind: str, name: str | Path) -> None:
+def check_model_kind(config: Config | None, kind: str | None, name: str | Path) -> None:
     """Refuse an upscaler where a text-to-image model is wanted and the other way round, saying
-    which tool takes it (`config` None: nothing known yet, nothing checked)."""
-    if kind not in MODEL_KINDS:
+    which tool takes it (`config` None: nothing known yet; `kind` None: either; nothing checked)."""
+    if kind is not None and kind not in MODEL_KINDS:
         raise ValueError(f"kind must be one of {', '.join(MODEL_KINDS)} (got {kind!r})")
-    if config is None:
+    if config is None or kind is None:
         return
     if kind == "text-to-image" and config.model.low_res is not None:
         raise ValueError(

@@ -209,7 +209,8 @@ class LDMTrainer(Trainer):
             trained = acc.unwrap_model(getattr(self, name))
             state = self.ema[name].state_dict_for(trained) if name in self.ema else trained.state_dict()
             module.load_state_dict(state)
-        pipe = LDMPipeline(self.vae, unet, text_encoder, self.cfg.model.diffusion, defaults=self.cfg.sample)
+        model = self.cfg.model
+        pipe = LDMPipeline(self.vae, unet, text_encoder, model.diffusion, defaults=self.cfg.sample, low_res=model.low_res)
         return pipe.to(acc.device)
 
     def sample_grid(self) -> Path | None:

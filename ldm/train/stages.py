@@ -1,5 +1,6 @@
 """Both stages from one config: stage 1 trains the VAE when `train.vae_checkpoint` is missing, on
-the data stage 2 reads, then stage 2 trains the latent diffusion model on it.
+the data stage 2 reads, then stage 2 trains the latent diffusion model on it (a text-to-image
+model, or an upscaler when the config has a `model.low_res` section).
 
 Which data stage 1 reads: the VAE config (`train.vae_config`) with the stage-2 run's `data`
 carried over, except the `data` keys the VAE config file sets itself (and `caption_dropout`, which
@@ -41,6 +42,7 @@ def train_stages(cfg: Config, overrides: Sequence[str] = (), *, resume: bool = F
     """Stage 1 if the VAE file is missing, then stage 2. Returns the exported model file, or None
     when a stage stopped early (interrupted; its state is saved, rerun with `resume=True`)."""
     from .ldm_trainer import LDMTrainer
+    from .upscaler_trainer import UpscalerTrainer
     from .vae_trainer import VAETrainer
 
     check_data(cfg.data)  # bad data fails now, not after stage 1
@@ -58,7 +60,8 @@ def train_stages(cfg: Config, overrides: Sequence[str] = (), *, resume: bool = F
         if stage1.step < vae_cfg.train.steps:  # interrupted: its state is saved; stage 2 must wait
             log(f"stage 1 stopped at step {stage1.step}; run the same command with --resume to continue")
             return None
-    log(f"stage 2: latent diffusion on the VAE {vae_path}")
-    trainer = LDMTrainer(cfg, resume=resume)
+    upscaler = cfg.model.low_res is not None
+    log(f"stage 2: {'the latent upscaler' if upscaler else 'latent diffusion'} on the VAE {vae_path}")
+    trainer = (UpscalerTrainer if upscaler else LDMTrainer)(cfg, resume=resume)
     path = trainer.train()
     return path if trainer.step >= cfg.train.steps else None
