@@ -14,7 +14,7 @@ from typing import Mapping
 import torch
 from torch import Tensor, nn
 
-from .config import Config
+from .config import Config, VAEConfig
 from .devices import parse_dtype
 from .errors import CheckpointError
 from .models import build_models
@@ -125,15 +125,37 @@ def build_from_state(
     with torch.device("meta"):
         unet, vae, text_encoder = build_models(state.config.model)
     for name, module in zip(PARTS, (unet, vae, text_encoder)):
-        tensors = {
-            k: t.to(
-                device=device or t.device,
-                dtype=target if t.is_floating_point() and target is not None else t.dtype,
-            )
-            for k, t in parts[name].items()
-        }
-        load_state_strict(_AssignLoader(module), tensors, f"[{name}]")  # type: ignore[arg-type]
-        del tensors
-        params = [p for p in module.parameters() if not p.is_meta]
-        _materialise_meta(module, device or (params[0].device if params else torch.device("cpu")), f"[{name}]")
+        _fill(module, parts[name], device, target, f"[{name}]")
     return unet, vae, text_encoder
+
+
+def build_vae(
+    cfg: VAEConfig,
+    state: Mapping[str, Tensor],
+    *,
+    device: str | torch.device | None = None,
+    dtype: str | torch.dtype | None = None,
+) -> AutoencoderKL:
+    """One VAE of config `cfg` holding exactly `state`'s tensors, built as `build_from_state` builds
+    the whole model (a VAE swapped into a loaded pipeline)."""
+    device = torch.device(device) if device is not None else None
+    target = parse_dtype(dtype) if dtype is not None else _dominant_float_dtype({"vae": state})
+    cfg.validate()
+    with torch.device("meta"):
+        vae = AutoencoderKL(cfg)
+    _fill(vae, state, device, target, "[vae]")
+    return vae
+
+
+def _fill(module: nn.Module, state: Mapping[str, Tensor], device: torch.device | None, target: torch.dtype | None,
+          what: str) -> None:
+    """Assign `state` into the meta-device `module` strictly, each tensor moved to `device` and its
+    floating ones cast to `target` (None: as they are) on the way."""
+    tensors = {
+        k: t.to(device=device or t.device, dtype=target if t.is_floating_point() and target is not None else t.dtype)
+        for k, t in state.items()
+    }
+    load_state_strict(_AssignLoader(module), tensors, what)  # type: ignore[arg-type]
+    del tensors
+    params = [p for p in module.parameters() if not p.is_meta]
+    _materialise_meta(module, device or (params[0].device if params else torch.device("cpu")), what)

@@ -34,6 +34,24 @@ FORMAT_KEY = "ldm_format"
 FORMAT_VERSION = "1"
 
 
+def file_kind(path: str | Path) -> str:
+    """What a weights file is, from its first bytes (not its name): "safetensors", "zip" (a PyTorch
+    pickle as `torch.save` writes it), "pickle" (a legacy, pre-zip `torch.save`) or "unknown"."""
+    path = Path(path)
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(16)
+    if head.startswith(b"PK\x03\x04"):
+        return "zip"
+    if head[:1] == b"\x80" and len(head) > 1 and 2 <= head[1] <= 5:
+        return "pickle"  # protocol marker of a legacy (pre-zip) torch.save
+    if len(head) >= 9:
+        header_len = int.from_bytes(head[:8], "little")
+        if 0 < header_len <= size - 8 and head[8:9] == b"{":
+            return "safetensors"
+    return "unknown"
+
+
 def atomic_save_safetensors(tensors: Mapping[str, torch.Tensor], path: str | Path, metadata: dict[str, str]) -> Path:
     """Write `tensors` to `path` via a temporary file in the same directory, fsync, then rename."""
     with atomic_path(path) as tmp:
@@ -55,24 +73,41 @@ def save_model_file(path: str | Path, parts: Mapping[str, nn.Module], config: Co
     return atomic_save_safetensors(tensors, path, metadata)
 
 
-def read_model_file(path: str | Path) -> tuple[dict[str, dict[str, torch.Tensor]], Config | None]:
-    """Read a model file into per-part state dicts (prefixes stripped) and its config (None when the
-    file carries none, as original Stable Diffusion files do)."""
-    path = Path(path)
-    if not path.exists():
-        raise CheckpointError(f"checkpoint not found: {path}")
-    if path.is_dir():
-        raise CheckpointError(f"{path} is a directory; pass the .safetensors model file inside it")
+def read_model_config(path: str | Path) -> Config | None:
+    """The config in a model file's metadata (None when it carries none, as original Stable
+    Diffusion files do), read from the header alone: no tensor is loaded."""
+    path = _existing_file(path)
+    if file_kind(path) in ("zip", "pickle"):
+        raise CheckpointError(
+            f"{path} is a PyTorch pickle checkpoint (.ckpt), not an ldm model file; load it with "
+            "LDMPipeline.load(path), which reads every format (the tools: --ckpt PATH)"
+        )
     try:
         with safe_open(str(path), framework="pt") as f:
             metadata = f.metadata() or {}
+    except (SafetensorError, OSError, ValueError) as e:
+        raise _unreadable(path, e) from None
+    if CONFIG_KEY not in metadata:
+        return None
+    try:
+        config = from_dict(Config, json.loads(metadata[CONFIG_KEY]))
+        config.validate()
+    except (ConfigError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path}: the config stored in its metadata is invalid: {e}") from None
+    except RecursionError:
+        raise CheckpointError(f"{path}: the config stored in its metadata is nested too deeply to be a "
+                              "config; the file is damaged or not a model file") from None
+    return config
+
+
+def read_model_file(path: str | Path) -> tuple[dict[str, dict[str, torch.Tensor]], Config | None]:
+    """Read a model file into per-part state dicts (prefixes stripped) and its config (None when the
+    file carries none, as original Stable Diffusion files do)."""
+    config = read_model_config(path)
+    try:
         tensors = load_file(str(path))
     except (SafetensorError, OSError, ValueError) as e:
-        raise CheckpointError(
-            f"{path} is not a readable .safetensors file ({e}); it may be truncated or corrupt: "
-            "re-export or re-download it"
-        ) from None
-    config = _stored_config(metadata, path)
+        raise _unreadable(Path(path), e) from None
     parts: dict[str, dict[str, torch.Tensor]] = {name: {} for name in PREFIXES}
     stray = []
     for key, value in tensors.items():
@@ -90,30 +125,6 @@ def read_model_file(path: str | Path) -> tuple[dict[str, dict[str, torch.Tensor]
     return parts, config
 
 
-def read_model_config(path: str | Path) -> Config | None:
-    """The config a model file's metadata holds (None when it carries none), without reading its tensors."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint not found: {path}" if not path.exists() else f"{path} is not a file")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            metadata = f.metadata() or {}
-    except (SafetensorError, OSError, ValueError) as e:
-        raise CheckpointError(f"{path} is not a readable .safetensors file ({e})") from None
-    return _stored_config(metadata, path)
-
-
-def _stored_config(metadata: Mapping[str, str], path: Path) -> Config | None:
-    if CONFIG_KEY not in metadata:
-        return None
-    try:
-        config = from_dict(Config, json.loads(metadata[CONFIG_KEY]))
-        config.validate()
-    except (ConfigError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path}: the config stored in its metadata is invalid: {e}") from None
-    return config
-
-
 def load_vae_file(path: str | Path) -> AutoencoderKL:
     """The autoencoder of a model file (a stage-1 VAE file or a whole model), with its config."""
     parts, config = read_model_file(path)
@@ -122,3 +133,19 @@ def load_vae_file(path: str | Path) -> AutoencoderKL:
     vae = AutoencoderKL(config.model.vae)
     load_state_strict(vae, parts["vae"], f"{path} [vae]")
     return vae
+
+
+def _existing_file(path: str | Path) -> Path:
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    if path.is_dir():
+        raise CheckpointError(f"{path} is a directory; pass the .safetensors model file inside it")
+    return path
+
+
+def _unreadable(path: Path, error: Exception) -> CheckpointError:
+    return CheckpointError(
+        f"{path} is not a readable .safetensors file ({error}); it may be truncated or corrupt: "
+        "re-export or re-download it"
+    )

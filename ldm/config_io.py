@@ -56,6 +56,8 @@ def _load_yaml(path: Path, seen: tuple[Path, ...]) -> dict:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"{path} is not valid YAML: {e}") from None
+    except RecursionError:
+        raise ConfigError(f"{path} is nested too deeply to be a config") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path} must hold a mapping at the top level (got {type(data).__name__})")
     base = data.pop("base", None)
@@ -82,7 +84,10 @@ def apply_overrides(data: dict, overrides: Sequence[str]) -> dict:
         key, sep, raw = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"override {item!r} must look like key=value, e.g. model.unet.model_channels=64")
-        value = yaml.safe_load(raw) if raw else ""
+        try:
+            value = yaml.safe_load(raw) if raw else ""
+        except (yaml.YAMLError, RecursionError) as e:
+            raise ConfigError(f"override {item!r}: the value is not valid YAML ({e})") from None
         patch: Any = value
         for part in reversed(key.strip().split(".")):
             patch = {part: patch}

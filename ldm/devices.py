@@ -1,6 +1,9 @@
-"""Devices and dtypes by name: "auto", "cuda:1", "fp16", ... -> torch objects, with errors that say what to pass."""
+"""Devices and dtypes by name: "auto", "cuda:1", "fp16", ... -> torch objects, with errors that say what to pass;
+and how much memory a device has free."""
 
 from __future__ import annotations
+
+import os
 
 import torch
 
@@ -40,3 +43,25 @@ def pick_dtype(name: str, device: torch.device) -> torch.dtype:
     if name != "auto":
         return parse_dtype(name)
     return torch.float16 if device.type in ("cuda", "mps") else torch.float32
+
+
+def available_memory(device: torch.device) -> int | None:
+    """Bytes free for new tensors on `device`: the free memory of a CUDA device (with the cache torch
+    holds unused), the memory the system has available for the CPU; None where it cannot be known
+    (MPS, unknown systems)."""
+    if device.type == "cuda":  # what the driver has free, plus what torch's allocator holds unused
+        free, _total = torch.cuda.mem_get_info(device)
+        return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    if device.type != "cpu":
+        return None
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, OSError, ValueError):
+        return None

@@ -1,4 +1,5 @@
-"""Exceptions with messages that name the problem and the fix."""
+"""Exceptions with messages that name the problem and the fix (all ValueErrors, so the tools print
+them as one `error:` line)."""
 
 
 class ConfigError(ValueError):
@@ -7,3 +8,8 @@ class ConfigError(ValueError):
 
 class CheckpointError(ValueError):
     """A checkpoint is missing, corrupt, or does not match the model it is loaded into."""
+
+
+class NonFiniteError(FloatingPointError, ValueError):
+    """A network produced NaN or Inf values (its weights, or an overflowing dtype); the message names
+    the network and its file."""

@@ -4,7 +4,7 @@ Every picture the project reads (training data, shard writing, img2img, masks) i
 `decode_image`, so a photo looks the same to the trainer and to the pipeline; `load_image` and
 `load_mask` turn pictures into the tensors the pipeline takes, `to_pil` and `make_grid` turn
 tensors back into pictures, and `save_png` writes one atomically with its settings in the PNG text
-chunks (built by `png_info`, the one place that decides what a file records).
+chunks (`ldm.png_settings` decides what they say).
 
 What it does to a file, in order:
 - EXIF orientation is applied (a phone photo stored sideways comes out the right way up);
@@ -67,6 +67,8 @@ def open_image(source: ImageSource, *, draft: int | None = None) -> Image.Image:
             im.load()
         except UnidentifiedImageError:
             raise ValueError(f"{name} is not an image file PIL can read (PNG, JPEG, WebP, ...)") from None
+        except Image.DecompressionBombError as e:
+            raise ValueError(f"{name} is too large to decode safely ({e}); resize it first") from None
         except (OSError, SyntaxError, ValueError) as e:  # truncated or corrupt data
             raise ValueError(f"{name} could not be decoded ({e}); the file is truncated or corrupt") from None
     try:
@@ -210,37 +212,33 @@ def make_grid(images: Sequence[Image.Image], cols: int | None = None) -> Image.I
 # PNG files with their settings
 # ---------------------------------------------------------------------------------------------
 
-# The settings of `image.info` that `png_info` writes, each under its own key.
-PNG_FIELDS = ("prompt", "negative_prompt", "seed", "sampler", "steps", "cfg", "spacing", "width", "height", "strength",
-              "noise_level", "upscale", "tile_size", "hires_scale", "hires_steps", "hires_upscaler")
+def save_png(image: Image.Image, path: str | Path, text: Mapping[str, str] | None = None) -> Path:
+    """Write `image` as a PNG atomically, with `text` as its text chunks (keyword -> text; see
+    `ldm.png_settings.png_text` for the settings of a generated image)."""
+    path = Path(path)
+    with atomic_path(path, fsync=False) as tmp:
+        image.save(tmp, format="PNG", pnginfo=png_text_info(text or {}))
+    return path
 
 
-def png_info(info: Mapping, model: str | None = None) -> PngInfo:
-    """The PNG text chunks of an image whose settings are `info` (a generated image's `image.info`):
-    each setting on its own key, plus the common one-string `parameters` form."""
+def png_text_info(text: Mapping[str, str]) -> PngInfo:
+    """PIL's `pnginfo` for a PNG whose text chunks are `text` (keyword -> text)."""
     meta = PngInfo()
-    for key in PNG_FIELDS:
-        if key in info:
-            meta.add_text(key, str(info[key]))
-    if model:
-        meta.add_text("model", str(model))
-    parameters = (
-        f"{info.get('prompt', '')}\nNegative prompt: {info.get('negative_prompt', '')}\n"
-        f"Steps: {info.get('steps')}, Sampler: {info.get('sampler')}, CFG scale: {info.get('cfg')}, "
-        f"Seed: {info.get('seed')}, Size: {info.get('width')}x{info.get('height')}"
-        + (f", Denoising strength: {info['strength']}" if "strength" in info else "")
-        + (f", Noise level: {info['noise_level']}" if "noise_level" in info else "")
-        + (f", Hires upscale: {info['hires_scale']}, Hires steps: {info['hires_steps']}, "
-           f"Hires upscaler: {Path(str(info['hires_upscaler'])).name}" if "hires_scale" in info else "")
-        + (f", Model: {Path(model).name}" if model else "")
-    )
-    meta.add_text("parameters", parameters)
+    for key, value in text.items():
+        meta.add_text(key, value)
     return meta
 
 
-def save_png(image: Image.Image, path: str | Path, *, info: Mapping | None = None, model: str | None = None) -> Path:
-    """Write `image` as a PNG atomically, with the settings `info` (default: `image.info`) in its text chunks."""
+def png_text_chunks(path: str | Path) -> dict[str, str]:
+    """The text chunks (tEXt, zTXt, iTXt) of a PNG file, keyword -> text. Raises ValueError naming the
+    file when it is not a PNG."""
     path = Path(path)
-    with atomic_path(path, fsync=False) as tmp:
-        image.save(tmp, format="PNG", pnginfo=png_info(image.info if info is None else info, model))
-    return path
+    if not path.is_file():
+        raise ValueError(f"image file not found: {path}")
+    try:
+        with Image.open(path) as im:
+            if im.format != "PNG":
+                raise ValueError(f"{path} is a {im.format} image, not a PNG; settings are read from PNG text chunks")
+            return {str(k): str(v) for k, v in im.text.items()}
+    except (UnidentifiedImageError, OSError, SyntaxError) as e:
+        raise ValueError(f"{path} is not a readable PNG ({e})") from None

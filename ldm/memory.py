@@ -1,5 +1,4 @@
-"""Memory that sampling and decoding will need, estimated from the configs before any work starts,
-and the memory a device has free.
+"""Memory that sampling and decoding will need, estimated from the configs before any work starts.
 
 The estimates count activations only (the weights are already loaded, and the free memory a
 device reports excludes them): the skip connections a U-Net keeps, the largest block's working
@@ -15,13 +14,11 @@ cannot fit, with advice, instead of failing minutes later.
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import torch
 
 from .config import UNetConfig, VAEConfig
 
-GiB = 2**30
 # Working set of a ResBlock in activations of its width (input, float32 norm copies, SiLU, conv
 # outputs, residual), and of a transformer block in activations of its width (q, k, v, attention
 # output, the 8x-wide GEGLU projection and its product).
@@ -90,23 +87,4 @@ def decoder_activation_bytes(
     return batch * itemsize * max(working, mid) + scores
 
 
-def free_memory(device: torch.device) -> int | None:
-    """Bytes free for new tensors on `device` (GPU: free plus what the caching allocator holds
-    unused; CPU: the kernel's MemAvailable); None where it cannot be told."""
-    if device.type == "cuda":
-        free, _total = torch.cuda.mem_get_info(device)
-        return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
-    if device.type == "cpu":
-        meminfo = Path("/proc/meminfo")
-        if meminfo.is_file():
-            for line in meminfo.read_text().splitlines():
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    return None
-
-
-def format_bytes(n: int) -> str:
-    return f"{n / GiB:.1f} GiB" if n >= GiB / 10 else f"{n / 2**20:.0f} MiB"
-
-
-__all__ = ["unet_activation_bytes", "decoder_activation_bytes", "free_memory", "format_bytes"]
+__all__ = ["unet_activation_bytes", "decoder_activation_bytes"]

@@ -36,6 +36,7 @@ class SamplingOptions:
     spacing: str | None = None  # timestep spacing or A1111 schedule type; None: the sampler's, else trailing
     eta: float | None = None  # noise scale of the stochastic samplers (STOCHASTIC_SAMPLERS); None: theirs
     guidance_rescale: float = 0.0  # CFG rescale (Lin et al. 2024), in [0, 1]
+    prompt_weighting: bool = True  # A1111's (word:1.3) / [word] / BREAK syntax (ldm.prompts); False: literal text
     seed: int | None = None  # seed of the first image; image k of a call uses seed + k
     num_images: int = 1  # images per prompt
     height: int | None = None  # text-to-image only (img2img and inpaint draw at their image's size)
@@ -93,6 +94,8 @@ class SamplingOptions:
             raise ValueError(f"guidance_rescale must be in [0, 1] (got {rescale!r}); 0.7 is typical")
         if self.strength is not None:
             check_strength(self.strength)
+        if not isinstance(self.prompt_weighting, bool):
+            raise ValueError(f"prompt_weighting must be True or False (got {self.prompt_weighting!r})")
         choice = parse_sampler(sampler, self.spacing)  # ours, A1111's or ComfyUI's names
         if self.eta is not None and choice.sampler not in STOCHASTIC_SAMPLERS:
             raise ValueError(

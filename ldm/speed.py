@@ -48,6 +48,7 @@ class SpeedConfig:
     vae_slicing: bool = True  # encode/decode one image of the batch at a time
     vae_tile_size: int = 64  # tile side in latents (x the VAE factor in pixels: 512 for SD)
     vae_tile_overlap: int = 16  # latents shared by neighbouring tiles (blend width)
+    fixed_batch: int = 0  # > 0: every U-Net call runs exactly this many rows (padded or split; see FastUNet)
 
     def validate(self) -> None:
         for f in dataclasses.fields(self):
@@ -63,10 +64,12 @@ class SpeedConfig:
                 f"compile={self.compile!r} already captures CUDA graphs; set cuda_graphs=False, or use "
                 "compile='default' or 'max-autotune-no-cudagraphs' with cuda_graphs=True"
             )
-        for name in ("vae_tile_size", "vae_tile_overlap"):
+        for name in ("vae_tile_size", "vae_tile_overlap", "fixed_batch"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int):
                 raise TypeError(f"{name} must be an integer (got {value!r})")
+        if self.fixed_batch < 0:
+            raise ValueError(f"fixed_batch must be >= 0 (got {self.fixed_batch}); 0 turns it off")
         if self.vae_tile_size < 1 or not 0 <= self.vae_tile_overlap < self.vae_tile_size:
             raise ValueError(
                 f"need vae_tile_size >= 1 and 0 <= vae_tile_overlap < vae_tile_size (got {self.vae_tile_size} "
@@ -209,6 +212,15 @@ class FastUNet(nn.Module):
     forward(x (B, C, H, W), t (B,) or scalar, context (B, L, D)[, y (B,)]) -> (B, out_channels, H, W).
     Timesteps are turned into a float32 (B,) tensor on x's device first, so that a compiled
     forward or a captured graph sees a tensor input, never a Python number to specialise on.
+
+    With `fixed_batch` = R, the U-Net only ever sees batches of exactly R rows: B rows run as
+    ceil(B / R) calls, the last one padded with zero rows that are dropped from the result. CPU
+    and GPU libraries pick their matmul and convolution kernels by shape (on a CPU, oneDNN
+    convolves one image differently from two, and MKL multiplies 1 or 2 rows differently from 3
+    or more), so the same row can round differently in batches of different sizes. At one fixed
+    shape every row goes through the same kernels, and a row's result depends only on its own
+    inputs, not on which or how many rows share the call. It also means one compile and one CUDA
+    graph capture per image size. The cost is the padded rows' compute when a call is not full.
     """
 
     def __init__(self, unet: UNet, speed: SpeedConfig) -> None:
@@ -230,6 +242,25 @@ class FastUNet(nn.Module):
         t = torch.as_tensor(t, device=x.device, dtype=torch.float32)
         if t.ndim == 0:
             t = t.expand(x.shape[0]).contiguous()  # (B,), a plain tensor: the same guards every call
+        rows = self.speed.fixed_batch
+        if rows and x.shape[0] != rows:
+            return self._fixed_batches(x, t, context, y, rows)
+        return self._call(x, t, context, y)
+
+    def _fixed_batches(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, y: torch.Tensor | None,
+                       rows: int) -> torch.Tensor:
+        """The U-Net over x in calls of exactly `rows` rows, the last padded with zeros."""
+        out = []
+        for start in range(0, x.shape[0], rows):
+            parts = [a[start : start + rows] for a in (x, t, context) + (() if y is None else (y,))]
+            n = parts[0].shape[0]
+            if n < rows:
+                parts = [torch.cat([a, a.new_zeros((rows - n, *a.shape[1:]))]) for a in parts]
+            out.append(self._call(*parts)[:n])
+        return torch.cat(out)
+
+    def _call(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, y: torch.Tensor | None = None
+              ) -> torch.Tensor:
         if self.speed.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         args = (x, t, context) if y is None else (x, t, context, y)  # y: class labels (upscalers)

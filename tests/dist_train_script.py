@@ -1,5 +1,6 @@
 """Run by test_two_process_training under `accelerate launch --cpu --num_processes 2`: trains a
-tiny model and writes, per rank, a digest of its final weights and the captions it trained on."""
+tiny model (or a LoRA on one, with train.lora.rank) and writes, per rank, a digest of its final
+weights and the captions it trained on."""
 
 import hashlib
 import json
@@ -10,10 +11,11 @@ from helpers import SD_TINY  # this script's folder, tests/, is first on sys.pat
 from ldm.config import load_config
 from ldm.data.batches import Batches
 from ldm.train.ldm_trainer import LDMTrainer
+from ldm.train.lora_trainer import LoRATrainer
 
 out, overrides = Path(sys.argv[1]), sys.argv[2:]
 cfg = load_config(SD_TINY, overrides)
-trainer = LDMTrainer(cfg)
+trainer = (LoRATrainer if cfg.train.lora.rank else LDMTrainer)(cfg)
 seen = []
 original = trainer.batches
 

@@ -1,5 +1,5 @@
 """What the tests share, importable by name because pytest puts tests/ on sys.path: paths, the
-small test models' config overrides, and `randomize`. Fixtures built from them are in conftest.py."""
+small test models' config overrides, `randomize` and `random_lora`. Fixtures built from them are in conftest.py."""
 
 from __future__ import annotations
 
@@ -9,6 +9,8 @@ import torch
 from torch import nn
 
 from ldm import LDMPipeline
+from ldm.convert.lora import layers
+from ldm.models.lora import LoRANetwork
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
@@ -19,6 +21,18 @@ FAST = ["model.unet.model_channels=32", "model.text_encoder.width=64", "model.un
         "model.text_encoder.heads=2", "model.text_encoder.projection_dim=64", "model.vae.ch=16",
         "sample.height=32", "sample.width=32", "sample.steps=3"]
 INPAINTING = [*FAST, "model.unet.in_channels=9"]
+# The tiny test model changed only where the SD 1.x conventions differ from it (heads, proj, norm groups).
+TINY_SD1 = [
+    "model.unet.num_heads=8",
+    "model.unet.num_head_channels=null",
+    "model.unet.use_linear_in_transformer=false",
+    "model.unet.attention_resolutions=[2,1]",
+    "model.vae.norm_groups=32",
+    "model.vae.scaling_factor=0.18215",
+    "model.text_encoder.heads=2",
+    "model.text_encoder.intermediate_size=512",
+    "model.text_encoder.trainable=false",
+]
 
 
 def randomize(target: LDMPipeline | nn.Module, seed: int = 1, scale: float = 0.02):
@@ -32,3 +46,16 @@ def randomize(target: LDMPipeline | nn.Module, seed: int = 1, scale: float = 0.0
                 if param.abs().max() == 0:
                     param.copy_(torch.randn(param.shape, generator=g) * scale)
     return target
+
+
+def random_lora(pipe, seed: int, rank: int = 4) -> LoRANetwork:
+    """A LoRA over every attention projection and resnet conv of U-Net and text encoder."""
+    index = layers(pipe.model_config.unet, pipe.model_config.text_encoder)
+    targets = sorted({layer.target for layer in index.values()}, key=str)
+    net = LoRANetwork.create(pipe.modules, targets, rank=rank, alpha=rank / 2,
+                             generator=torch.Generator().manual_seed(seed))
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for adapter in net.adapters:
+            adapter.up.copy_(torch.randn(adapter.up.shape, generator=g) * 0.1)
+    return net

@@ -1,13 +1,28 @@
 """Shapes prompt adherence: exact detection on rendered scenes, robustness to noise and blur, scoring."""
 
+import json
 import random
+import re
 
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
-from ldm.data.shapes import POSITIONS, SHAPES, SIZES, Scene, Shape, render, render_array, sample_scene
+from ldm.data.shapes import (
+    COLOURS,
+    POSITIONS,
+    SHAPES,
+    SIZES,
+    Scene,
+    Shape,
+    parse_caption,
+    render,
+    render_array,
+    sample_scene,
+)
 from ldm.eval.adherence import ATTRIBUTES, adherence, connected_components, detect, score
+from tests.helpers import FAST, SD_TINY
 
 
 def _scenes(seed: int, n: int, max_objects: int = 2) -> list[Scene]:
@@ -148,3 +163,67 @@ def test_random_noise_scores_near_chance():
     for make in (lambda: rng.random((3, 32, 32)), lambda: 0.5 * rng.standard_normal((3, 32, 32))):
         a = adherence([make() for _ in scenes], [s.caption() for s in scenes])
         assert a["colour"] < 0.4 and a["shape"] < 0.4 and a["position"] < 0.4 and a["all"] < 0.05
+
+
+def test_confusion_counts_what_was_drawn_for_what_was_asked():
+    from ldm.eval.adherence import confusion, detect_all, summarize
+
+    red = Scene([Shape("circle", "red", "small", "top left")], "white")
+    pairs = [
+        (red, red),  # right
+        (red, Scene([Shape("square", "blue", "small", "top left")], "white")),  # blue square for a red circle
+        (red, Scene([Shape("circle", "red", "large", "center"), Shape("circle", "red", "small", "bottom")], "black")),
+        (red, Scene([], "white")),  # nothing drawn
+    ]
+    conf = confusion(pairs)
+    asked, drawn, counts = conf["colour"]
+    assert asked == list(COLOURS) and drawn == list(COLOURS) + ["none"]
+    assert counts[0, 0] == 2 and counts[0, drawn.index("blue")] == 1 and counts[0, -1] == 1 and counts.sum() == 4
+    # The third image is matched by colour (nothing in the top left cell): drawn in the center, large.
+    asked, drawn, counts = conf["position"]
+    assert counts[0, 0] == 2 and counts[0, drawn.index("center")] == 1 and counts[0, -1] == 1
+    assert conf["size"][2].tolist() == [[2, 1, 1], [0, 0, 0]]
+    assert conf["shape"][2][0].tolist() == [2, 1, 0, 1]
+    assert conf["count"][2][1].tolist() == [1, 2, 1, 0]
+    assert conf["background"][2].tolist() == [[3, 1, 0], [0, 0, 0], [0, 0, 0]]
+    # The diagonal agrees with the scores of single-object prompts.
+    assert summarize(pairs)["colour"] == counts_share(conf["colour"]) == 0.5
+    images = [render(got, 32) for _, got in pairs]
+    assert detect_all(images, [want.caption() for want, _ in pairs]) == pairs
+
+
+def counts_share(entry) -> float:
+    asked, drawn, counts = entry
+    return sum(counts[i, drawn.index(a)] for i, a in enumerate(asked)) / counts.sum()
+
+
+def test_confusion_image_has_a_panel_per_attribute():
+    from ldm.eval.adherence import confusion
+    from ldm.eval.report import confusion_image
+
+    scenes = _scenes(3, 30, max_objects=1)
+    im = confusion_image(confusion([(s, s) for s in scenes]), "perfect")
+    assert im.mode == "RGB" and im.width > 400 and im.height > 300
+    # A perfect model fills only diagonal cells, in the darkest shade.
+    assert (np.asarray(im) == (40, 80, 200)).all(-1).sum() > 0
+
+
+def test_eval_tool_scores_seen_and_unseen_combinations_and_writes_the_report(tmp_path, capsys, one_thread):
+    from ldm.cli.eval import main
+
+    args = ["--config", str(SD_TINY), *[a for kv in FAST for a in ("--set", kv)], "--n", "3", "--steps", "1",
+            "--skip-loss", "--report", str(tmp_path / "report"), "--out", str(tmp_path / "m.json")]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"adherence\s+seen\s+unseen", out) and re.search(r"\nall\s+\S+%\s+\S+%", out)
+    metrics = json.loads((tmp_path / "m.json").read_text())
+    assert set(metrics) == {f"adherence_{s}_{a}" for s in ("seen", "unseen") for a in ATTRIBUTES}
+    for split in ("seen", "unseen"):
+        assert Image.open(tmp_path / "report" / f"confusion-{split}.png").width > 400
+        lines = (tmp_path / "report" / f"detections-{split}.jsonl").read_text().splitlines()
+        assert len(lines) == 3 and set(json.loads(lines[0])) == {"prompt", "drawn"}
+    unseen = [parse_caption(json.loads(x)["prompt"]) for x in (tmp_path / "report" / "detections-unseen.jsonl").open()]
+    assert all(o.unseen for s in unseen for o in s.objects)
+    with pytest.raises(SystemExit):
+        main(["--config", str(SD_TINY), "--combinations", "novel"])
+    assert "expected a comma-separated list of seen, unseen, all (got 'novel')" in capsys.readouterr().err

@@ -1,7 +1,8 @@
 """Speed switches (ldm.speed): each switch, alone and combined, matches the plain float32 path for
 the U-Net, the VAE and whole pipelines; fused layers save the same checkpoint; compiled U-Nets do
 not recompile across steps and prompts; CUDA graphs fail clearly off CUDA; VAE tiling is close to
-untiled decoding and exact when one tile covers the image; bad switch values name the fix; the
+untiled decoding and exact when one tile covers the image; a fixed U-Net batch shape makes each
+picture independent of the batch it runs in, bit for bit; bad switch values name the fix; the
 training switches leave the loss, the gradients and the state-dict keys unchanged."""
 
 import copy
@@ -60,12 +61,16 @@ def gen(p: LDMPipeline, **kw) -> torch.Tensor:
     return p.generate("a red circle", steps=2, seed=0, progress=False, output_type="tensor", **kw)
 
 
-@pytest.fixture(scope="module")
-def pipe() -> LDMPipeline:
+def fresh_pipe() -> LDMPipeline:
     p = LDMPipeline.from_config(TINY, FAST, seed=0)
     for m in p.modules.values():
         randomize(m, seed=0, scale=0.02)
     return p
+
+
+@pytest.fixture(scope="module")
+def pipe() -> LDMPipeline:
+    return fresh_pipe()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -262,6 +267,52 @@ def test_tiled_vae_is_close_to_untiled_and_exact_when_one_tile_covers_the_image(
 # ---------------------------------------------------------------------------------------------
 # Bad values name the fix
 # ---------------------------------------------------------------------------------------------
+
+
+# ---------------------------------------------------------------------------------------------
+# A fixed U-Net batch shape: rows independent of the batch they run in
+# ---------------------------------------------------------------------------------------------
+
+
+def test_fixed_batch_makes_rows_independent_of_the_batch():
+    """With fixed_batch, each row of a batch equals its solo run bit for bit, in any order; the
+    U-Net only ever sees the fixed number of rows."""
+    pipe = fresh_pipe()
+    pipe.optimize(fixed_batch=8)
+    seen = []
+    pipe.unet.register_forward_hook(lambda m, i, o: seen.append(o.shape[0]))
+    prompts = ["a red circle", "a blue square", "a green triangle", "a yellow star"]
+
+    def run(idx, sampler):
+        gens = [torch.Generator().manual_seed(10 + i) for i in idx]
+        return pipe.generate([prompts[i] for i in idx], generator=gens, steps=3, sampler=sampler,
+                             output_type="tensor", progress=False)
+
+    for sampler in ("euler_a", "dpmpp_2m_karras"):
+        solo = [run([i], sampler) for i in range(4)]
+        for order in ([0, 1, 2, 3], [3, 1, 0], [2, 0]):
+            out = run(order, sampler)
+            for row, i in enumerate(order):
+                assert torch.equal(out[row : row + 1], solo[i]), (sampler, order, i)
+    assert set(seen) == {8}
+    assert (solo[0] - solo[1]).abs().max() > 1e-3  # different prompts and seeds: different pictures
+
+
+def test_fixed_batch_splits_more_rows_than_it_holds():
+    pipe = fresh_pipe()
+    gens = lambda: [torch.Generator().manual_seed(k) for k in range(5)]  # noqa: E731
+    pipe.optimize(fixed_batch=4)  # 5 pictures with CFG: 10 rows in calls of 4, 4, 2 + 2 padding
+    split = pipe.generate(["x"] * 5, generator=gens(), steps=2, output_type="tensor", progress=False)
+    pipe.optimize(fixed_batch=16)
+    whole = pipe.generate(["x"] * 5, generator=gens(), steps=2, output_type="tensor", progress=False)
+    torch.testing.assert_close(split, whole, atol=1e-5, rtol=0)
+
+
+def test_fixed_batch_is_checked():
+    with pytest.raises(ValueError, match="fixed_batch must be >= 0"):
+        speed_config(fixed_batch=-2)
+    with pytest.raises(TypeError, match="fixed_batch must be an integer"):
+        speed_config(fixed_batch=2.5)
 
 
 def test_bad_switch_values_are_reported(pipe):

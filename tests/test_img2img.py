@@ -1,6 +1,7 @@
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -8,6 +9,7 @@ from PIL import Image
 from helpers import FAST, ROOT, TINY
 from ldm import LDMPipeline
 from ldm.diffusion import sigmas_from_schedule
+from ldm.png_settings import read_png_settings
 
 
 @pytest.fixture(scope="module")
@@ -115,9 +117,17 @@ def test_img2img_tool_writes_pngs_with_strength(tmp_path):
     )
     assert r.returncode == 0, r.stderr
     assert sorted(p.name for p in out.iterdir()) == ["00000-4.png", "00000-grid.png", "00001-5.png"]
-    text = Image.open(out / "00001-5.png").text
-    assert (text["strength"], text["seed"], text["steps"]) == ("0.5", "5", "2")
-    assert "Denoising strength: 0.5" in text["parameters"]
+    recorded = read_png_settings(out / "00001-5.png").options
+    assert (recorded.strength, recorded.seed, recorded.steps) == (0.5, 5, 2)
+    assert "Denoising strength: 0.5" in Image.open(out / "00001-5.png").text["parameters"]
+    again = subprocess.run(  # the settings (strength included) and the model come from the PNG
+        [sys.executable, "tools/img2img.py", "--from-png", str(out / "00001-5.png"), "--init-image",
+         str(tmp_path / "in.png"), "--out", str(tmp_path / "again")],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )
+    assert again.returncode == 0, again.stderr
+    assert torch.equal(torch.from_numpy(np.array(Image.open(tmp_path / "again" / "00000-5.png"))),
+                       torch.from_numpy(np.array(Image.open(out / "00001-5.png"))))
     bad = subprocess.run(
         [sys.executable, "tools/img2img.py", "--config", str(TINY), *small, "--init-image", str(tmp_path / "in.png"),
          "--strength", "2", "--prompt", "x", "--out", str(out)],

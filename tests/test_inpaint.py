@@ -8,6 +8,7 @@ from PIL import Image
 
 from helpers import INPAINTING, ROOT, TINY
 from ldm.diffusion import sigmas_from_schedule
+from ldm.png_settings import read_png_settings
 
 
 @pytest.fixture(scope="module")
@@ -142,7 +143,8 @@ def test_inpaint_tool_keeps_unmasked_pixels_and_writes_strength(tmp_path):
     assert r.returncode == 0, r.stderr
     assert sorted(p.name for p in out.iterdir()) == ["00000-9.png", "00000-grid.png"]
     result = Image.open(out / "00000-9.png")
-    assert result.text["strength"] == "1.0" and result.text["seed"] == "9"
+    recorded = read_png_settings(out / "00000-9.png").options
+    assert recorded.strength == 1.0 and recorded.seed == 9
     got = torch.from_numpy(np.array(result.convert("RGB")))
     keep = m == 0
     assert torch.equal(got[keep], pixels[keep])

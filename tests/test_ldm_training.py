@@ -113,12 +113,13 @@ def test_sigkill_at_any_moment_leaves_a_loadable_state(tmp_path, vae_file):
     code = (
         "import sys; sys.path.insert(0, %r)\n"
         "from ldm.config import load_config\nfrom ldm.train.ldm_trainer import LDMTrainer\n"
-        "cfg = load_config(%r, %r)\nLDMTrainer(cfg, resume=True).train()\n"
+        "cfg = load_config(%r, %r)\nLDMTrainer(cfg, resume=sys.argv[1] == 'resume').train()\n"
     ) % (str(ROOT), str(SD_TINY),
          [*TINY, f"train.output_dir={out}", f"train.vae_checkpoint={vae_file}", "train.steps=100000", "train.save_every=1"])
     steps_seen = []
     for extra in (0.05, 0.37):  # kill at different points of the save/step cycle
-        proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        how = "resume" if steps_seen else "new"
+        proc = subprocess.Popen([sys.executable, "-c", code, how], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         deadline = time.time() + 240
         target = (steps_seen[-1] if steps_seen else 0) + 2
         while time.time() < deadline and proc.poll() is None:

@@ -5,11 +5,9 @@ import json
 
 import pytest
 import torch
-from PIL import Image
 
 from ldm import SamplingOptions
 from ldm.config import SampleConfig
-from ldm.images import PNG_FIELDS, save_png
 
 DEFAULTS = SampleConfig(steps=12, cfg=5.0, sampler="euler_a", height=64, width=48, negative_prompt="blurry")
 
@@ -59,7 +57,8 @@ def test_image_info_records_one_image_without_unset_fields():
     one = SamplingOptions(prompt="x", negative_prompt="", seed=4, steps=3, cfg=2.0, sampler="ddim", spacing="trailing",
                           height=32, width=32)
     assert one.image_info() == {"prompt": "x", "negative_prompt": "", "steps": 3, "cfg": 2.0, "sampler": "ddim",
-                                "spacing": "trailing", "guidance_rescale": 0.0, "seed": 4, "height": 32, "width": 32}
+                                "spacing": "trailing", "guidance_rescale": 0.0, "prompt_weighting": True, "seed": 4,
+                                "height": 32, "width": 32}
     assert SamplingOptions(prompt="x").image_info()["seed"] is None  # generators instead of a seed
 
 
@@ -95,14 +94,3 @@ def test_wrong_keywords_name_the_options_each_method_takes(tiny_pipe):
         tiny_pipe.img2img(torch.rand(1, 3, 32, 32), "x", height=64)
 
 
-def test_png_files_hold_the_settings_in_both_forms(tmp_path):
-    info = {"prompt": "a cat", "negative_prompt": "", "seed": 5, "sampler": "ddim", "steps": 20, "cfg": 7.5,
-            "spacing": "trailing", "width": 64, "height": 32, "strength": 0.6, "guidance_rescale": 0.0}
-    image = Image.new("RGB", (4, 4))
-    image.info.update(info)
-    written = Image.open(save_png(image, tmp_path / "a.png", model="models/m.safetensors")).text
-    assert [p.name for p in tmp_path.iterdir()] == ["a.png"]  # no temporary file left behind
-    assert {k: written[k] for k in PNG_FIELDS if k in written} == {k: str(info[k]) for k in PNG_FIELDS if k in info}
-    assert written["model"] == "models/m.safetensors" and "guidance_rescale" not in written
-    assert written["parameters"] == ("a cat\nNegative prompt: \nSteps: 20, Sampler: ddim, CFG scale: 7.5, Seed: 5, "
-                                     "Size: 64x32, Denoising strength: 0.6, Model: m.safetensors")

@@ -13,6 +13,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from helpers import ROOT
+
 TANGO = Path("/usr/share/icons/Tango")
 # A narrower U-Net and text encoder than sd_tiny's, as in test_training_quality.py.
 NARROW = [

@@ -174,3 +174,38 @@ def test_dataset_works_with_a_dataloader():
     batch = next(iter(torch.utils.data.DataLoader(ds, batch_size=8, collate_fn=collate)))
     assert batch["image"].shape == (8, 3, 32, 32) and len(batch["caption"]) == 8
     assert batch["scene"] == [ds[i]["scene"] for i in range(8)]
+
+
+def test_combination_split_keeps_heldout_pairs_out_of_training_and_in_the_unseen_set():
+    from ldm.data.shapes import HELDOUT_PAIRS
+
+    seen = ShapesDataset(resolution=32, length=3000, seed=0, max_objects=2, combinations="seen")
+    unseen = ShapesDataset(resolution=32, length=600, seed=0, max_objects=2, split="heldout", combinations="unseen")
+    seen_objects = [o for i in range(len(seen)) for o in seen.scene(i).objects]
+    unseen_objects = [o for i in range(len(unseen)) for o in unseen.scene(i).objects]
+    assert not any(o.unseen for o in seen_objects) and all(o.unseen for o in unseen_objects)
+    pairs = lambda objs: {(o.colour, o.shape) for o in objs} | {(o.shape, o.position) for o in objs}  # noqa: E731
+    assert pairs(seen_objects).isdisjoint(HELDOUT_PAIRS)
+    assert pairs(unseen_objects) >= HELDOUT_PAIRS  # every held-out pair is tested
+    # Every word and every other colour-shape and shape-position pair is still trained on.
+    all_pairs = {(c, s) for c in COLOURS for s in SHAPES} | {(s, p) for s in SHAPES for p in POSITIONS}
+    assert pairs(seen_objects) == all_pairs - HELDOUT_PAIRS
+    assert {o.size for o in seen_objects} == set(SIZES) and {o.colour for o in seen_objects} == set(COLOURS)
+    # One object in 4.2 holds a held-out pair: 1/7 colour-shape + 1/9 shape-position - 1/63 both.
+    everything = ShapesDataset(resolution=32, length=4000, seed=0)
+    share = np.mean([everything.scene(i).objects[0].unseen for i in range(4000)])
+    assert share == pytest.approx(1 / 7 + 1 / 9 - 1 / 63, abs=0.02)
+
+
+def test_combination_split_leaves_the_all_stream_unchanged_and_checks_its_name():
+    a = ShapesDataset(resolution=32, length=50, seed=5, max_objects=2)
+    b = ShapesDataset(resolution=32, length=50, seed=5, max_objects=2, combinations="all")
+    assert [a.scene(i) for i in range(50)] == [b.scene(i) for i in range(50)]
+    seen = ShapesDataset(resolution=32, length=50, seed=5, max_objects=2, combinations="seen")
+    # Scenes without a held-out pair are drawn exactly as before (the redraw only replaces objects).
+    assert all(s == seen.scene(i) for i, s in enumerate(a.scene(i) for i in range(50))
+               if not any(o.unseen for o in s.objects))
+    with pytest.raises(ValueError, match="combinations"):
+        ShapesDataset(combinations="novel")
+    with pytest.raises(ValueError, match="combinations"):
+        sample_scene(random.Random(0), 1, combinations="train")

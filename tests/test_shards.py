@@ -323,12 +323,54 @@ def test_skip_markers_are_counted_by_reason(tmp_path):
     assert Counter(json.loads((tmp_path / "s-index.json").read_text())["skipped"]) == Counter(summary.skipped)
 
 
-def test_all_broken_data_with_epoch_length_is_an_error_not_a_hang(tmp_path, monkeypatch):
-    monkeypatch.setattr("ldm.data.reader.MAX_CONSECUTIVE_BROKEN", 20)
+def test_all_broken_data_with_epoch_length_is_an_error_not_a_hang(tmp_path):
     with wds.TarWriter(str(tmp_path / "b.tar"), encoder=False) as w:
         for i in range(3):
             w.write({"__key__": f"k{i}", "png": image_bytes(i)})  # no captions
     loader = make_image_text_loader(tmp_path, resolution=16, batch_size=2, num_workers=0, epoch_length=3)
-    with pytest.raises(RuntimeError, match="20 broken samples in a row"):
+    with pytest.raises(RuntimeError, match=r"no usable sample in any of the 1 shards \(found only broken samples"):
         list(loader)
-    assert loader.skipped.as_dict() == {"missing_caption": 20}
+    assert loader.skipped.as_dict()["missing_caption"] >= 3
+
+
+@pytest.mark.parametrize("broken", ["corrupt images", "unreadable tars"])
+def test_a_slot_whose_shards_are_all_broken_reads_from_the_others_instead_of_stopping(tmp_path, broken, caplog):
+    # Shards 1 and 3 are broken; with two slots and no shuffling, slot 1 owns exactly those.
+    good = make_tar_shards(tmp_path / "good", 8, 4)
+    for i in (1, 3):
+        path = tmp_path / f"bad-{i}.tar"
+        if broken == "corrupt images":
+            with wds.TarWriter(str(path), encoder=False) as w:
+                for j in range(4):
+                    w.write({"__key__": f"bad{i}{j}", "png": b"not a png", "txt": b"broken"})
+        else:
+            path.write_bytes(b"not a tar archive at all" * 100)
+    urls = [good[0], str(tmp_path / "bad-1.tar"), good[1], str(tmp_path / "bad-3.tar")]
+    loader = make_image_text_loader(urls, resolution=16, batch_size=2, num_workers=0, shuffle_buffer=0,
+                                    epoch_length=3, rank=1, world_size=2)
+    with pytest.warns(UserWarning, match="skipped"):
+        batches = list(loader)
+    assert len(batches) == 3 and all(len(b["key"]) == 2 for b in batches)
+    assert keys_of(batches) == ["s001", "s003", "s005", "s007", "s001", "s003"]  # one in two of all shards' samples
+    assert "slot 1 of 2 (rank x worker)" in caplog.text
+    assert "it now reads one in 2 samples of all 4 shards" in caplog.text
+    assert "got no samples" in caplog.text if broken == "unreadable tars" else "found only broken samples" in caplog.text
+
+
+def test_exif_orientation_applies_to_shard_images_as_to_files(tmp_path):
+    array = np.random.default_rng(0).integers(0, 256, (20, 32, 3), dtype=np.uint8)  # stored 32 wide, 20 tall
+    exif = Image.Exif()
+    exif[0x0112] = 6  # displayed rotated by 90 degrees: 20 wide, 32 tall
+    out = io.BytesIO()
+    Image.fromarray(array).save(out, format="JPEG", exif=exif.tobytes(), quality=95)
+    with wds.TarWriter(str(tmp_path / "p-000000.tar"), encoder=False) as w:
+        w.write({"__key__": "phone", "jpg": out.getvalue(), "txt": b"a phone photo"})
+    batch = next(iter(make_image_text_loader(tmp_path, resolution=16, batch_size=1, num_workers=0)))
+    assert batch["original_size"].tolist() == [[32, 20]]  # (height, width): upright, taller than wide
+    from ldm.data.transforms import image_to_tensor, resize_crop
+    from ldm.images import decode_image
+
+    upright = decode_image(out.getvalue(), draft=16)  # as the reader decodes it
+    assert upright.size == (20, 32)
+    expected = image_to_tensor(resize_crop(upright, 16)[0])
+    assert torch.allclose(batch["image"][0], expected, atol=1e-6)

@@ -18,7 +18,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from helpers import CONFIGS, TINY
+from helpers import CONFIGS, TINY, TINY_SD1
 from ldm.checkpoint import PREFIXES
 from ldm.config import load_config
 from ldm.build import ModelState
@@ -52,18 +52,6 @@ SD2_SMALL = [
     "model.text_encoder.projection_dim=64",
     *TEXT_SMALL,
     "model.text_encoder.layers=3",
-]
-# The tiny test model changed only where the SD 1.x conventions differ from it (heads, proj, norm groups).
-TINY_SD1 = [
-    "model.unet.num_heads=8",
-    "model.unet.num_head_channels=null",
-    "model.unet.use_linear_in_transformer=false",
-    "model.unet.attention_resolutions=[2,1]",
-    "model.vae.norm_groups=32",
-    "model.vae.scaling_factor=0.18215",
-    "model.text_encoder.heads=2",
-    "model.text_encoder.intermediate_size=512",
-    "model.text_encoder.trainable=false",
 ]
 # The x4 upscaler's layout at a tenth of its width: 8 heads per level, self-attention off at levels 0-2.
 X4_SMALL = ["model.unet.model_channels=32", "model.vae.ch=32", "model.text_encoder.projection_dim=128", *TEXT_SMALL]

@@ -49,7 +49,8 @@ def test_bad_data_and_mismatched_paths_fail_before_stage_1(tmp_path):
     vae = write(tmp_path / "vae.yaml", f"base: {ROOT / 'configs/vae_tiny.yaml'}\ntrain:\n  output_dir: {tmp_path}/vae\n")
     common = [f"train.vae_config={vae}", f"train.output_dir={tmp_path}/ldm"]
     cfg = load_config(ROOT / "configs/sd_tiny.yaml", [*common, f"train.vae_checkpoint={tmp_path}/other/vae.safetensors"])
-    with pytest.raises(ValueError, match=r"stage 1 would write .*vae/vae.safetensors but train.vae_checkpoint is"):
+    with pytest.raises(ValueError, match=r"other/vae.safetensors does not exist, and stage 1 .* would write "
+                                         r".*vae/vae.safetensors instead"):
         train_stages(cfg, log=lambda line: None)
     cfg = load_config(ROOT / "configs/sd_tiny.yaml", [*common, f"train.vae_checkpoint={tmp_path}/vae/vae.safetensors",
                                                       "data.source=folder", f"data.urls={tmp_path}/empty"])

@@ -9,7 +9,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ldm.config import UNetConfig, load_config
 from ldm.models import layers
-from ldm.models.attention import BasicTransformerBlock
+from ldm.models.attention import BasicTransformerBlock, SpatialTransformer
 from ldm.models.layers import ResBlock, timestep_embedding
 from ldm.models.unet import UNet
 
@@ -210,3 +210,74 @@ def test_gradient_checkpointing_gives_same_gradients(monkeypatch):
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
     assert grads[0][-1].abs().max() > 0
+
+
+# --- position embedding (off by default) ------------------------------------------------------
+
+
+def test_position_embedding_adds_only_its_projections_and_starts_as_a_no_op():
+    plain = randomize_zeroed(UNet(tiny_config()))
+    posed = UNet(tiny_config(position_embedding_freqs=3))
+    extra = set(posed.state_dict()) - set(plain.state_dict())
+    assert set(plain.state_dict()) <= set(posed.state_dict())
+    # one (dim, 4 * freqs) projection per SpatialTransformer, none in the default layout
+    assert sorted(extra) == sorted(k for k in posed.state_dict() if k.endswith("pos_embed.proj.weight"))
+    assert len(extra) == sum(1 for k in plain.state_dict() if k.endswith("proj_in.weight")) == 7
+    assert posed.state_dict()["middle_block.1.pos_embed.proj.weight"].shape == (32, 12)
+    missing = posed.load_state_dict(plain.state_dict(), strict=False).missing_keys
+    assert sorted(missing) == sorted(extra)
+    x, ctx = torch.randn(2, 4, 8, 8), torch.randn(2, 5, 12)
+    torch.testing.assert_close(posed(x, 10, ctx), plain(x, 10, ctx), rtol=0, atol=0)  # zero-initialised
+    randomize_zeroed(posed)
+    assert (posed(x, 10, ctx) - plain(x, 10, ctx)).abs().max() > 1e-3
+
+
+def test_position_embedding_tells_places_apart_at_any_feature_map_size():
+    from ldm.models.attention import FourierPositions
+
+    pe = FourierPositions(2, 8)
+    with torch.no_grad():
+        pe.proj.weight.copy_(torch.eye(8))  # read the 8 Fourier features themselves
+    f = pe(2, 4, torch.device("cpu"), torch.float32).reshape(2, 4, 8)
+    ys, xs = torch.tensor([0.25, 0.75]), torch.tensor([0.125, 0.375, 0.625, 0.875])  # pixel centres in [0, 1]
+    k = torch.tensor([1.0, 2.0]) * math.pi
+    torch.testing.assert_close(f[:, 0, :2], torch.sin(ys[:, None] * k))
+    torch.testing.assert_close(f[:, 0, 2:4], torch.cos(ys[:, None] * k))
+    torch.testing.assert_close(f[0, :, 4:6], torch.sin(xs[:, None] * k))
+    torch.testing.assert_close(f[0, :, 6:], torch.cos(xs[:, None] * k))
+    # The same place at two sizes: the centre pixel of a 3x3 map is the middle of a 9x9 one.
+    torch.testing.assert_close(pe(3, 3, torch.device("cpu"), torch.float32)[4],
+                               pe(9, 9, torch.device("cpu"), torch.float32)[40])
+    # A transformer block has no convolution: on a constant feature map every pixel gets the same
+    # output, unless it is told where the pixel is.
+    x, ctx = torch.ones(1, 16, 6, 6), torch.randn(1, 3, 24)
+    for freqs, varies in ((0, False), (2, True)):
+        block = randomize_zeroed(SpatialTransformer(16, 2, 8, 1, 24, 8, use_linear=True, position_freqs=freqs))
+        spread = block(x, ctx).flatten(2).std(-1).max()  # over the pixels, per channel
+        assert (spread > 1e-2) if varies else (spread < 1e-5), freqs
+
+
+def test_position_embedding_is_validated_and_has_no_diffusers_form():
+    from ldm.config import ConfigError
+    from ldm.convert.diffusers import unet_config_to_diffusers
+
+    with pytest.raises(ConfigError, match="position_embedding_freqs must be >= 0"):
+        UNet(tiny_config(position_embedding_freqs=-1))
+    with pytest.raises(ConfigError, match="no diffusers form"):
+        unet_config_to_diffusers(tiny_config(position_embedding_freqs=4))
+
+
+def test_position_embedding_round_trips_in_our_file_and_is_refused_as_a_single_file(tmp_path):
+    from ldm import LDMPipeline
+    from ldm.config import ConfigError
+    from tests.helpers import FAST, SD_TINY, randomize
+
+    pipe = randomize(LDMPipeline.from_config(SD_TINY, [*FAST, "model.unet.position_embedding_freqs=2"]))
+    weight = pipe.unet.state_dict()["input_blocks.1.1.pos_embed.proj.weight"]
+    assert weight.shape == (32, 8) and weight.abs().max() > 0
+    back = LDMPipeline.from_checkpoint(pipe.save(tmp_path / "m.safetensors"))
+    assert back.config.model.unet.position_embedding_freqs == 2
+    torch.testing.assert_close(back.unet.state_dict()["input_blocks.1.1.pos_embed.proj.weight"], weight)
+    with pytest.raises(ConfigError, match="no single-file form"):
+        pipe.save_single_file(tmp_path / "sd.safetensors")
+    assert not (tmp_path / "sd.safetensors").exists()

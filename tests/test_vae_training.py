@@ -332,13 +332,13 @@ def test_stage_1_refuses_cached_latents(tmp_path):
 
 
 def test_tool_trains_and_reports_where_things_went(tmp_path, capsys):
-    from ldm.cli import train_vae  # (importing the tools/ shim would run the tool on pytest's own arguments)
+    from ldm.cli import train_vae
 
     argv = [str(CONFIGS / "vae_tiny.yaml"), *TINY, "train.steps=2", f"train.output_dir={tmp_path}"]
     assert train_vae.main(argv) == 0
     out = capsys.readouterr().out
     assert f"vae:     {tmp_path / 'vae.safetensors'}" in out and "held-out PSNR" in out
-    assert train_vae.main([*argv, "train.steps=3", "--resume"]) == 0
+    assert train_vae.main([*argv, "train.steps=3", "--resume-with-changes"]) == 0  # three steps instead of two
     assert json.loads((tmp_path / "metrics.json").read_text())["steps"] == 3
 
 

@@ -12,6 +12,7 @@ import pytest
 from PIL import Image
 
 from helpers import ROOT
+from ldm.png_settings import read_png_settings
 
 SOURCES = ("pyproject.toml", "setup.py", "README.md", "ldm", "configs")
 
@@ -62,6 +63,7 @@ def test_txt2img_runs_from_the_wheel_outside_the_checkout(installed, tmp_path):
     assert r.returncode == 0, r.stderr
     assert sorted(p.name for p in out.iterdir()) == ["00000-3.png", "00000-grid.png"]
     image = Image.open(out / "00000-3.png")
-    assert image.size == (32, 32) and image.text["seed"] == "3" and image.text["model"] == "sd_tiny"
+    settings = read_png_settings(out / "00000-3.png")
+    assert image.size == (32, 32) and settings.options.seed == 3 and settings.model["config"] == "sd_tiny"
     count = run(installed / "bin" / "ldm-count-params", "sd15", cwd=tmp_path, env=env)
     assert count.returncode == 0 and "859,520,964" in count.stdout, count.stderr

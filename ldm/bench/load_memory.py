@@ -2,7 +2,7 @@
 
 `write_checkpoint` writes an SD-layout checkpoint with random weights (network weights, schedule
 buffers and the CLIP position_ids, as in the public files); `measure` loads it with
-`LDMPipeline.from_single_file` in a fresh Python process and reads that process's peak resident
+`LDMPipeline.load` in a fresh Python process and reads that process's peak resident
 memory (VmHWM, Linux), after loading and after every weight was read once.
 """
 
@@ -33,7 +33,7 @@ from ldm.pipeline import LDMPipeline
 start = time.perf_counter()
 result = {"dtype": None}
 if sys.argv[1] != "-":
-    pipe = LDMPipeline.from_single_file(sys.argv[1])
+    pipe = LDMPipeline.load(sys.argv[1])
     result.update(dtype=str(pipe.dtype), seconds=time.perf_counter() - start, loaded_kb=peak_kb())
     # memory-mapped weights are read from disk when first used: touch every one, as inference does
     with torch.no_grad():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -22,9 +23,11 @@ PROMPT = "a large red circle in the center on a white background"
 
 @dataclass
 class BenchOptions:
-    """What to benchmark and how. `speed` holds `ldm.speed.SpeedConfig` switches (only the ones set)."""
+    """What to benchmark and how: the random weights of `config`, or the model file `ckpt` (any
+    format `LDMPipeline.load` reads). `speed` holds `ldm.speed.SpeedConfig` switches (only the ones set)."""
 
-    config: str | Path
+    config: str | Path | None = None
+    ckpt: str | Path | None = None
     overrides: Sequence[str] = ()
     device: str = "auto"  # "auto": cuda when available, else cpu
     dtype: str = "auto"  # "auto": bf16 on CUDA, fp32 elsewhere
@@ -39,8 +42,14 @@ class BenchOptions:
     peak_tflops: float | None = None  # overrides the per-device lookup (needed for MFU on CPUs)
     data_workers: int = 4
     seed: int = 0
+    profile: bool = False  # also profile one CFG U-Net step (ours, and diffusers' with vs_diffusers)
 
     def validate(self) -> None:
+        if (self.config is None) == (self.ckpt is None):
+            raise ValueError("benchmark either a config (random weights) or a model file (ckpt), not "
+                             f"{'both' if self.config else 'neither'}")
+        if self.ckpt is not None and self.overrides:
+            raise ValueError("config overrides apply to a config (random weights); a model file carries its config")
         unknown = [w for w in self.workloads if w not in WORKLOADS]
         if unknown or not self.workloads:
             raise ValueError(f"unknown workloads {unknown or '(none given)'}; choose from {', '.join(WORKLOADS)}")
@@ -75,6 +84,13 @@ class Row:
     peak_mem_gib: float | None = None
     max_rel_err: float | None = None  # diffusers rows: against our output on the same weights and inputs
     ldm_speedup: float | None = None  # diffusers rows: their median time / ours (> 1: ours is faster)
+    error: str | None = None  # a row that failed: why (its numbers are NaN); the other rows still count
+
+    @classmethod
+    def failed(cls, workload: str, impl: str, error: BaseException, shape: str = "") -> Row:
+        reason = f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}"
+        return cls(workload=workload, impl=impl, shape=shape, unit="", median_ms=math.nan, rate=math.nan,
+                   error=reason.rstrip(": "))
 
 
 @dataclass
@@ -89,6 +105,11 @@ class BenchResult:
     peak_tflops: float | None
     versions: dict[str, str]
     rows: list[Row]
+    profile: dict[str, Any] | None = None  # `ldm.bench.profile.profile_unet`'s, when asked for
+
+    @property
+    def failures(self) -> list[Row]:
+        return [r for r in self.rows if r.error is not None]
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -11,17 +11,35 @@ from ..devices import parse_dtype, pick_device
 from ..pipeline import LDMPipeline
 from .measure import peak_tflops_for
 from .options import WORKLOADS, BenchOptions, BenchResult, Row
-from .setup import Setup, check_resolution, randomize_weights_, speed_config_of
+from .profile import profile_unet
+from .setup import (
+    Setup,
+    check_resolution,
+    free_memory,
+    impl_name,
+    randomize_weights_,
+    reset_compiler,
+    speed_config_of,
+)
 from .vs_diffusers import Diffusers, require_diffusers
 from .workloads import WORKLOAD_RUNNERS
 
 
-def run_bench(options: BenchOptions, log: Callable[[str], None] | None = None) -> BenchResult:
-    """Build the config's model with random weights and measure each workload; `log` gets progress lines."""
+def run_bench(options: BenchOptions, log: Callable[[str], None] | None = None,
+              on_row: Callable[[BenchResult], None] | None = None) -> BenchResult:
+    """Build the config's model with random weights (or load the model file) and measure each
+    workload; `log` gets progress lines, `on_row` the result so far after each row (to save it as
+    it grows). A workload that fails (ours or diffusers') becomes a row with its `error`, and the
+    others still run."""
     options.validate()
     log = log or (lambda line: None)
-    path = resolve_config(options.config)
-    cfg = load_config(path, options.overrides)
+    if options.ckpt is not None:
+        log(f"loading {options.ckpt}")
+        pristine = LDMPipeline.load(options.ckpt, device="cpu", dtype=torch.float32)
+        path, cfg = options.ckpt, pristine.config
+    else:
+        path = resolve_config(options.config)
+        cfg = load_config(path, options.overrides)
     factor = cfg.model.vae.downsample_factor
     check_resolution(options.resolution, factor, "resolution")
     for resolution, _ in options.train_shapes or ():
@@ -32,25 +50,48 @@ def run_bench(options: BenchOptions, log: Callable[[str], None] | None = None) -
     speed = speed_config_of(options.speed)
     if options.vs_diffusers:
         require_diffusers()  # before minutes of building and timing
-    log(f"building {path} with random weights")
-    pristine = LDMPipeline.from_config(cfg, seed=options.seed)
-    randomize_weights_(pristine.unet, options.seed)
-    randomize_weights_(pristine.vae, options.seed + 1)
+    if options.ckpt is None:
+        log(f"building {path} with random weights")
+        pristine = LDMPipeline.from_config(cfg, seed=options.seed)
+        randomize_weights_(pristine.unet, options.seed)
+        randomize_weights_(pristine.vae, options.seed + 1)
     peak = options.peak_tflops or peak_tflops_for(device, dtype)
     if peak is None and device.type == "cuda":
         log(f"no peak TFLOP/s known for {torch.cuda.get_device_name(device)}; MFU is n/a (pass a peak to get it)")
     s = Setup(options, cfg, device, dtype, speed, peak, pristine, log)
     theirs = Diffusers(s) if options.vs_diffusers else None
-    rows: list[Row] = []
-    for name in WORKLOADS:
-        if name in options.workloads:
-            log(f"{name}:")
-            rows += WORKLOAD_RUNNERS[name](s, theirs)
-    return BenchResult(
+    result = BenchResult(
         config=str(path), device=_device_name(device), dtype=str(dtype).removeprefix("torch."),
         resolution=options.resolution, speed={k: v for k, v in options.speed.items() if v}, peak_tflops=peak,
-        versions=_versions(options.vs_diffusers), rows=rows,
+        versions=_versions(options.vs_diffusers), rows=[],
     )
+
+    def emit(row: Row) -> None:
+        result.rows.append(row)
+        if on_row is not None:
+            on_row(result)
+
+    for name in WORKLOADS:
+        if name not in options.workloads:
+            continue
+        log(f"{name}:")
+        try:
+            WORKLOAD_RUNNERS[name](s, theirs, emit)
+        except Exception as e:  # noqa: BLE001 - a failed workload is a row; the next one still runs
+            log(f"  {name} failed: {type(e).__name__}: {e}")
+            emit(Row.failed(name, impl_name("ldm", options.speed), e))
+            free_memory(device)
+            reset_compiler(speed)
+    if options.profile:
+        log("profile:")
+        try:
+            result.profile = profile_unet(s, theirs)
+        except Exception as e:  # noqa: BLE001 - the measured rows stand without it
+            log(f"  profile failed: {type(e).__name__}: {e}")
+            result.profile = {"error": f"{type(e).__name__}: {e}"}
+        if on_row is not None:
+            on_row(result)
+    return result
 
 
 def _device_name(device: torch.device) -> str:
@@ -83,7 +124,13 @@ def format_table(result: BenchResult) -> str:
     header = ("workload", "impl", "shape", "median", "rate", "FLOP", "FLOP/s", "MFU", "peak mem", "rel err",
               "ldm speedup")
     lines = [tuple(header)]
-    for r in result.rows:
+    first = {}
+    for r in result.rows:  # each workload's rows together (diffusers' come after all of ours)
+        first.setdefault(r.workload, len(first))
+    for r in sorted(result.rows, key=lambda r: first[r.workload]):
+        if r.error is not None:
+            lines.append((r.workload, r.impl, r.shape, "failed", *[""] * (len(header) - 4)))
+            continue
         lines.append((
             r.workload, r.impl, r.shape, _duration(r.median_ms), f"{r.rate:.4g} {r.unit}" if r.rate < 1e4
             else f"{r.rate:.0f} {r.unit}",
@@ -105,4 +152,5 @@ def format_table(result: BenchResult) -> str:
     speed = ", ".join(f"{k}={v}" for k, v in result.speed.items()) or "none"
     title = (f"{result.config} on {result.device}, {result.dtype}, {result.resolution} px; speed switches: {speed}; "
              f"{peak}; " + ", ".join(f"{k} {v}" for k, v in result.versions.items()))
-    return "\n".join([title, *text])
+    failures = [f"failed: {r.workload} {r.impl}{' ' + r.shape if r.shape else ''}: {r.error}" for r in result.failures]
+    return "\n".join([title, *text, *failures])

@@ -1,4 +1,4 @@
-"""What every workload starts from: the pristine random-weight model, the device, the speed switches."""
+"""What every workload starts from: the pristine model (random weights, or a loaded file), the device, the speed switches."""
 
 from __future__ import annotations
 
@@ -45,7 +45,7 @@ class Setup:
     dtype: torch.dtype
     speed: Any  # ldm.speed.SpeedConfig, or None when no switch is set
     peak: float | None
-    pristine: LDMPipeline  # fp32, on the CPU, random weights
+    pristine: LDMPipeline  # fp32, on the CPU: random weights, or the benchmarked model file's
     log: Callable[[str], None]
 
     @property

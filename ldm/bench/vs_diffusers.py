@@ -4,6 +4,7 @@ they compute what ours do, and times them as ours are timed."""
 from __future__ import annotations
 
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -100,22 +101,31 @@ class Diffusers:
             switches = {"channels_last": self.channels_last, "compile": self.compile_mode}
             yield impl_name("diffusers", switches), torch.compile(model, mode=mode, dynamic=False)
 
+    @contextmanager
+    def guard(self, s: Setup, emit: Callable[[Row], None], workload: str, shape: str) -> Iterator[None]:
+        """Run diffusers' side of a workload; if it fails (a disagreement with ours, a model diffusers
+        cannot run, out of memory), emit a failed row with the reason instead of losing the others."""
+        try:
+            yield
+        except Exception as e:  # noqa: BLE001 - every failure becomes a row; the run goes on
+            s.log(f"  {workload} {shape}: diffusers failed: {type(e).__name__}: {e}")
+            emit(Row.failed(workload, "diffusers", e, shape))
+            free_memory(s.device)
+
     def rows(self, s: Setup, workload: str, shape: str, unit: str, flops: int | None, eager: nn.Module,
-             call: Callable[[nn.Module], Callable[[], Any]], err: float, ours: Row) -> list[Row]:
+             call: Callable[[nn.Module], Callable[[], Any]], err: float, ours: Row,
+             emit: Callable[[Row], None]) -> None:
         """Rows of an eager model already checked against ours and, when compiling, of it compiled."""
-        rows = []
         for impl, model in self.variants(lambda: eager):
             row = s.row(workload, impl, shape, unit, call(model), 1, flops)
             row.max_rel_err = err
             row.ldm_speedup = row.median_ms / ours.median_ms
-            rows.append(row)
-        return rows
+            emit(row)
 
-    def pipeline_rows(self, s: Setup, shape: str, ours: dict[int, Row]) -> list[Row]:
+    def pipeline_rows(self, s: Setup, shape: str, ours: dict[int, Row], emit: Callable[[Row], None]) -> None:
         """diffusers' StableDiffusionPipeline with DDIM on the same weights: one image at the resolution
         for each step count of `ours` (our row per step count)."""
         res = s.options.resolution
-        rows = []
         for impl, unet in self.variants(lambda: self.unet(s)):
             pipe = self._pipeline(s, unet)
             for steps, our_row in ours.items():
@@ -127,10 +137,9 @@ class Diffusers:
 
                 row = s.row(our_row.workload, impl, shape, "img/s", call, 1, our_row.flops)
                 row.ldm_speedup = row.median_ms / our_row.median_ms
-                rows.append(row)
+                emit(row)
             del pipe, unet
             free_memory(s.device)
-        return rows
 
     def _pipeline(self, s: Setup, unet: nn.Module):
         with tempfile.TemporaryDirectory(prefix="ldm-bench-tokenizer-") as tmp:

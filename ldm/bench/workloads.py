@@ -23,8 +23,10 @@ from .options import CFG_SCALE, CFG_TIMESTEP, CPU_TRAIN_SHAPES, GPU_TRAIN_SHAPES
 from .setup import Setup, free_memory, impl_name, optimize_unet_or_none, optimize_vae_or_none, reset_compiler
 from .vs_diffusers import Diffusers
 
+Emit = Callable[[Row], None]  # takes each row as soon as it is measured
 
-def _bench_unet(s: Setup, theirs: Diffusers | None) -> list[Row]:
+
+def _bench_unet(s: Setup, theirs: Diffusers | None, emit: Emit) -> None:
     """One CFG step: the U-Net on batch 2 (cond + uncond) at the latent size of the resolution."""
     side = s.options.resolution // s.factor
     x = s.randn(2, s.latent_channels, side, side)
@@ -38,18 +40,20 @@ def _bench_unet(s: Setup, theirs: Diffusers | None) -> list[Row]:
         reset_compiler(s.speed)
         model = optimize_unet_or_none(unet, s.speed)
         ours = s.row("unet", impl_name("ldm", s.options.speed), shape, "it/s", lambda: model(x, t, context), 1, flops)
+        emit(ours)
         out = model(x, t, context).clone() if theirs is not None else None
         del unet, model
         free_memory(s.device)
         if theirs is None:
-            return [ours]
-        their_unet = theirs.unet(s)
+            return
 
         def call(net: nn.Module) -> Callable[[], torch.Tensor]:
             return lambda: net(x, t, context).sample
 
-        err = theirs.check("U-Net", out, call(their_unet)())
-        return [ours, *theirs.rows(s, "unet", shape, "it/s", flops, their_unet, call, err, ours)]
+        with theirs.guard(s, emit, "unet", shape):
+            their_unet = theirs.unet(s)
+            err = theirs.check("U-Net", out, call(their_unet)())
+            theirs.rows(s, "unet", shape, "it/s", flops, their_unet, call, err, ours, emit)
 
 
 def _train_step(model: nn.Module, optimizer: torch.optim.Optimizer | None, x: torch.Tensor, t: torch.Tensor,
@@ -72,13 +76,12 @@ def _make_optimizer(model: nn.Module) -> torch.optim.Optimizer:
     return make_optimizer(list(model.parameters()), TrainConfig())
 
 
-def _bench_train(s: Setup, theirs: Diffusers | None) -> list[Row]:
+def _bench_train(s: Setup, theirs: Diffusers | None, emit: Emit) -> None:
     """One training step per (resolution, batch): fp32 weights, autocast in the benchmark dtype."""
     amp = None if s.dtype == torch.float32 else s.dtype
     # CUDA graphs replay inference only; every other switch applies to training as well
     switches = {k: v for k, v in s.options.speed.items() if k != "cuda_graphs"}
     train_speed = dataclasses.replace(s.speed, cuda_graphs=False) if s.speed is not None else None
-    rows = []
     for resolution, batch in train_shapes_of(s):
         side = resolution // s.factor
         x = s.randn(batch, s.latent_channels, side, side, dtype=torch.float32)
@@ -97,19 +100,20 @@ def _bench_train(s: Setup, theirs: Diffusers | None) -> list[Row]:
         optimizer = _make_optimizer(model)
         step = _train_step(model, optimizer, x, t, context, target, amp, lambda out: out)
         ours = s.row("train", impl_name("ldm", switches), shape, "img/s", step, batch, flops)
-        rows.append(ours)
+        emit(ours)
         del unet, model, optimizer, step
         free_memory(s.device)
-        if theirs is not None:
+        if theirs is None:
+            continue
+        with theirs.guard(s, emit, "train", shape):
             for impl, their_unet in theirs.variants(lambda: theirs.unet(s, torch.float32).train()):
                 optimizer = _make_optimizer(their_unet)
                 step = _train_step(their_unet, optimizer, x, t, context, target, amp, lambda out: out.sample)
                 row = s.row("train", impl, shape, "img/s", step, batch, flops)
                 row.ldm_speedup = row.median_ms / ours.median_ms
-                rows.append(row)
+                emit(row)
                 del their_unet, optimizer, step
                 free_memory(s.device)
-    return rows
 
 
 def train_shapes_of(s: Setup) -> Sequence[tuple[int, int]]:
@@ -118,7 +122,7 @@ def train_shapes_of(s: Setup) -> Sequence[tuple[int, int]]:
     return GPU_TRAIN_SHAPES if s.device.type == "cuda" else CPU_TRAIN_SHAPES
 
 
-def _bench_vae(s: Setup, theirs: Diffusers | None) -> list[Row]:
+def _bench_vae(s: Setup, theirs: Diffusers | None, emit: Emit) -> None:
     """VAE decode of one image at the resolution."""
     side = s.options.resolution // s.factor
     z = s.randn(1, s.cfg.model.vae.embed_dim, side, side)
@@ -129,21 +133,23 @@ def _bench_vae(s: Setup, theirs: Diffusers | None) -> list[Row]:
         reset_compiler(s.speed)
         model = optimize_vae_or_none(vae, s.speed)
         ours = s.row("vae", impl_name("ldm", s.options.speed), shape, "img/s", lambda: model.decode(z), 1, flops)
+        emit(ours)
         out = model.decode(z).clone() if theirs is not None else None
         del vae, model
         free_memory(s.device)
         if theirs is None:
-            return [ours]
-        their_vae = theirs.vae(s)
+            return
 
         def call(net: nn.Module) -> Callable[[], torch.Tensor]:
             return lambda: net.decode(z).sample
 
-        err = theirs.check("VAE decoder", out, call(their_vae)())
-        return [ours, *theirs.rows(s, "vae", shape, "img/s", flops, their_vae, call, err, ours)]
+        with theirs.guard(s, emit, "vae", shape):
+            their_vae = theirs.vae(s)
+            err = theirs.check("VAE decoder", out, call(their_vae)())
+            theirs.rows(s, "vae", shape, "img/s", flops, their_vae, call, err, ours, emit)
 
 
-def _bench_generate(s: Setup, theirs: Diffusers | None) -> list[Row]:
+def _bench_generate(s: Setup, theirs: Diffusers | None, emit: Emit) -> None:
     """`LDMPipeline.generate` of one image (DDIM, CFG 7.5), text encoding and decode included."""
     res = s.options.resolution
     shape = f"{res}px x1"
@@ -158,29 +164,26 @@ def _bench_generate(s: Setup, theirs: Diffusers | None) -> list[Row]:
     flops = {steps: count_flops(generate(pipe, steps)) for steps in s.options.generate_steps}
     reset_compiler(s.speed)
     fast = pipe.optimize(**{k: v for k, v in s.options.speed.items() if v}) if s.speed is not None else pipe
-    ours = {
-        steps: s.row(f"generate_{steps}", impl_name("ldm", s.options.speed), shape, "img/s", generate(fast, steps), 1,
-                     flops[steps])
-        for steps in s.options.generate_steps
-    }
+    ours = {}
+    for steps in s.options.generate_steps:
+        ours[steps] = s.row(f"generate_{steps}", impl_name("ldm", s.options.speed), shape, "img/s",
+                            generate(fast, steps), 1, flops[steps])
+        emit(ours[steps])
     del pipe, fast
     free_memory(s.device)
-    rows = list(ours.values())
     if theirs is not None:
-        rows += theirs.pipeline_rows(s, shape, ours)
-    order = {row.workload: i for i, row in enumerate(ours.values())}
-    return sorted(rows, key=lambda row: order[row.workload])  # stable: ours first within each step count
+        with theirs.guard(s, emit, f"generate_{','.join(map(str, ours))}", shape):
+            theirs.pipeline_rows(s, shape, ours, emit)
 
 
-def _bench_data(s: Setup, theirs: Diffusers | None) -> list[Row]:
+def _bench_data(s: Setup, theirs: Diffusers | None, emit: Emit) -> None:
     """Images/s of the loaders alone, at each training shape (no model involved)."""
-    rows = []
     workers = s.options.data_workers
     for resolution, batch in train_shapes_of(s):
         shape = f"{resolution}px x{batch}"
         data = dataclasses.replace(s.cfg.data, resolution=resolution)
         batches = shapes_batches(data, batch, 0, 1, 0, 1, s.options.seed)
-        rows.append(s.row("data_shapes", "ldm", shape, "img/s", lambda: next(batches), batch, None))
+        emit(s.row("data_shapes", "ldm", shape, "img/s", lambda: next(batches), batch, None))
         with tempfile.TemporaryDirectory(prefix="ldm-bench-") as tmp:
             samples = 2 * batch  # read over and over: `epoch_length` repeats the data
             images = Path(tmp) / "images"
@@ -189,7 +192,7 @@ def _bench_data(s: Setup, theirs: Diffusers | None) -> list[Row]:
                          progress=False)
             loader = make_image_text_loader(str(images), resolution=resolution, batch_size=batch, num_workers=workers,
                                             epoch_length=10**9, rank=0, world_size=1, seed=s.options.seed)
-            rows.append(_loader_row(s, "data_shards", shape, loader, batch))
+            emit(_loader_row(s, "data_shards", shape, loader, batch))
             latents = Path(tmp) / "latents"
             latents.mkdir()
             side = resolution // s.factor
@@ -199,8 +202,7 @@ def _bench_data(s: Setup, theirs: Diffusers | None) -> list[Row]:
             write_latent_shards(items, latents / "latents", progress=False)
             loader = make_latent_loader(str(latents), batch_size=batch, num_workers=workers, epoch_length=10**9,
                                         rank=0, world_size=1, seed=s.options.seed)
-            rows.append(_loader_row(s, "data_latents", shape, loader, batch))
-    return rows
+            emit(_loader_row(s, "data_latents", shape, loader, batch))
 
 
 def _loader_row(s: Setup, workload: str, shape: str, loader, batch: int) -> Row:

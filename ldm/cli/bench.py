@@ -3,10 +3,14 @@
     ldm-bench --config sd15 --vs-diffusers                       # all workloads, against diffusers
     ldm-bench --config sd15 --workloads unet,generate --channels-last --compile max-autotune
     ldm-bench --config configs/sd_tiny.yaml --device cpu --resolution 64 --json bench.json
+    ldm-bench --ckpt v1-5-pruned-emaonly.safetensors --workloads unet,generate   # a model file's own weights
 
 Workloads: unet (one CFG step, batch 2), train (one training step per --train-resolution/--train-batch),
 vae (decode of one image), generate (LDMPipeline.generate of one image per --steps, DDIM with CFG),
 data (the data loaders alone). See docs/performance.md. The table goes to stdout, progress to stderr.
+A row that fails (a disagreement with diffusers, out of memory, a model diffusers cannot run) is
+printed as failed with its reason, the others still run, and the exit code is 1. --json is
+rewritten after every row, so a run stopped early keeps what it measured.
 """
 
 from __future__ import annotations
@@ -17,10 +21,13 @@ import sys
 from functools import partial
 from pathlib import Path
 
-from ..bench import WORKLOADS, BenchOptions, MismatchError, format_table, run_bench
+from ..atomic import write_text_atomic
+from ..bench import WORKLOADS, BenchOptions, BenchResult, format_table, run_bench
+from ..bench.profile import format_profile
 from ..config import COMPILE_MODES
 from ..devices import DTYPES
 from .common import run_main
+from .model_choice import default_model
 
 
 def int_list(text: str) -> list[int]:
@@ -50,8 +57,13 @@ def train_shapes(resolutions: list[int] | None, batches: list[int] | None) -> li
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", required=True,
-                        help="config YAML path, or a name in configs/ (sd15, sd21, sd_small, sd_tiny, ...)")
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--config", default=None,
+                        help="config YAML path, or a name in configs/ (sd15, sd21, sd_small, sd_tiny, ...), built "
+                             "with random weights")
+    source.add_argument("--ckpt", default=None, metavar="MODEL",
+                        help="a model file or diffusers folder in any format, with its own weights (default without "
+                             "--config: $LDM_CHECKPOINT, else runs/sd_tiny/model.safetensors)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="config override, e.g. --set model.unet.transformer_depth=2 (repeatable)")
     parser.add_argument("--device", default="auto", help="cuda, cuda:1, cpu, or auto (default: cuda if available)")
@@ -83,29 +95,42 @@ def main(argv: list[str] | None = None) -> int:
                              "790 puts an H100 on the scale of the published SD 1.5 MFUs")
     parser.add_argument("--data-workers", type=int, default=4, help="loader workers of the data workload (default 4)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random weights and inputs (default 0)")
+    parser.add_argument("--profile", action="store_true",
+                        help="also profile one CFG U-Net step (torch.profiler; ours and, with --vs-diffusers, "
+                             "diffusers') and print the top kernels")
     parser.add_argument("--json", default=None, metavar="OUT", help="also write the results as JSON to OUT")
     args = parser.parse_args(argv)
+    ckpt = args.ckpt
+    if ckpt is None and args.config is None:
+        ckpt, why = default_model()
+        print(f"note: benchmarking the {why}", file=sys.stderr)
 
     switches = {"channels_last": args.channels_last, "fuse_qkv": args.fuse_qkv, "fused_norm_act": args.fused_norm_act,
                 "compile": args.compile, "cuda_graphs": args.cuda_graphs}
     options = BenchOptions(
-        config=args.config, overrides=args.overrides, device=args.device, dtype=args.dtype,
+        config=args.config, ckpt=ckpt, overrides=args.overrides, device=args.device, dtype=args.dtype,
         resolution=args.resolution, train_shapes=train_shapes(args.train_resolution, args.train_batch),
         generate_steps=args.steps, repeats=args.repeats, warmup=args.warmup,
         workloads=[w.strip() for w in args.workloads.split(",") if w.strip()],
         speed={k: v for k, v in switches.items() if v}, vs_diffusers=args.vs_diffusers,
-        peak_tflops=args.peak_tflops, data_workers=args.data_workers, seed=args.seed,
+        peak_tflops=args.peak_tflops, data_workers=args.data_workers, seed=args.seed, profile=args.profile,
     )
-    try:
-        result = run_bench(options, log=lambda line: print(line, file=sys.stderr, flush=True))
-    except MismatchError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    def save(result: BenchResult) -> None:  # after every row, so a run stopped early keeps what it measured
+        if args.json:
+            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+            write_text_atomic(Path(args.json), json.dumps(result.to_dict(), indent=2) + "\n")
+
+    result = run_bench(options, log=lambda line: print(line, file=sys.stderr, flush=True), on_row=save)
+    save(result)
     print(format_table(result))
+    if result.profile is not None:
+        print(result.profile["error"] if "error" in result.profile else format_profile(result.profile))
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(result.to_dict(), indent=2) + "\n")
         print(f"wrote {args.json}")
+    if result.failures:
+        print(f"error: {len(result.failures)} of {len(result.rows)} rows failed (reasons under the table)",
+              file=sys.stderr)
+        return 1
     return 0
 
 

@@ -3,8 +3,9 @@
     python tools/cache_latents.py --vae runs/vae_small/vae.safetensors --shards data/train --out data/latents/train
     python tools/train_ldm.py configs/sd_small.yaml data.source=latents data.urls=data/latents
 
-With --text-from MODEL.safetensors the (frozen) text encoder of that model also embeds every
-caption; the trainer then uses the cached embeddings when the model's text encoder is frozen.
+With --text-from MODEL (any format: ldm, original single file, diffusers folder) the (frozen) text
+encoder of that model also embeds every caption; the trainer then uses the cached embeddings when
+the model's text encoder is frozen.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import sys
 from functools import partial
 
 from ..devices import pick_device
+from .checks import positive_int
 from .common import run_main
 
 
@@ -22,11 +24,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--vae", required=True, help="VAE file (stage-1 export) or a whole model file")
     parser.add_argument("--shards", required=True, help="image shards: folder, file, brace pattern or pipe: URL")
     parser.add_argument("--out", required=True, help="output prefix, e.g. data/latents/train")
-    parser.add_argument("--resolution", type=int, required=True, help="training resolution (images are resized/cropped)")
-    parser.add_argument("--text-from", default=None, help="model file whose text encoder embeds the captions too")
-    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--resolution", type=positive_int, required=True,
+                        help="training resolution (images are resized/cropped)")
+    parser.add_argument("--text-from", default=None,
+                        help="model (file or diffusers folder, any format) whose text encoder embeds the captions too")
+    parser.add_argument("--batch-size", type=positive_int, default=16)
     parser.add_argument("--num-workers", type=int, default=2)
-    parser.add_argument("--max-count", type=int, default=10_000, help="samples per shard")
+    parser.add_argument("--max-count", type=positive_int, default=10_000, help="samples per shard")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--overwrite", action="store_true")
     args = parser.parse_args(argv)
@@ -36,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     from ..pipeline import LDMPipeline
 
     device = pick_device(args.device)
-    text_encoder = LDMPipeline.from_checkpoint(args.text_from).text_encoder if args.text_from else None
+    text_encoder = LDMPipeline.load(args.text_from).text_encoder if args.text_from else None
     summary = cache_latents(
         args.shards, args.out, load_vae_file(args.vae), resolution=args.resolution, batch_size=args.batch_size,
         num_workers=args.num_workers, text_encoder=text_encoder, device=device, max_count=args.max_count,

@@ -2,10 +2,12 @@
 
     ldm-img2img --ckpt model.safetensors --init-image photo.png --prompt "an oil painting" --strength 0.6
     ldm-img2img --config sd_tiny --init-image in.png --prompt "a red circle"   # random weights
+    ldm-img2img --from-png outputs/img2img/00000-4.png --init-image photo.png     # the same again
 
 --strength 0 keeps the image, 1 ignores it (text-to-image); int(steps * strength) steps run. The
-image's sides must be multiples of the VAE factor (8 for SD): resize or crop it first. Writes one
-PNG per image (prompt, seed, settings and strength in the PNG text chunks) and a grid.
+image's sides must be multiples of the VAE factor (8 for SD): resize or crop it first. --ckpt takes
+any model format (see ldm-txt2img --help). Writes one PNG per image (its settings, strength
+included, as A1111's `parameters` text and as JSON) and a grid.
 """
 
 from __future__ import annotations

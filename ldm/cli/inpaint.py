@@ -5,7 +5,8 @@
 
 The mask is a grey image of the same size: white = repaint, black = keep (grey feathers the edge).
 Pixels outside the mask are kept exactly. Works with inpainting models (9 input channels) and,
-by latent blending, with ordinary ones. Writes one PNG per image (settings in the text chunks) and a grid.
+by latent blending, with ordinary ones. --ckpt takes any model format, --from-png the settings of an
+earlier image (see ldm-txt2img --help). Writes one PNG per image (settings in the text chunks) and a grid.
 """
 
 from __future__ import annotations

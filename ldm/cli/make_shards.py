@@ -7,7 +7,8 @@
     # the built-in shapes dataset
     python tools/make_shards.py --shapes 10000 --resolution 64 --seed 0 --out data/shapes/train/shapes
 
-Writes {out}-000000.tar, {out}-000001.tar, ... and {out}-index.json (shards and sample counts).
+Writes {out}-000000.tar, {out}-000001.tar, ... and {out}-index.json (shards and sample counts);
+--out DIR/ (or an existing folder) writes DIR/DIR-000000.tar, ... inside it.
 Images without captions and unreadable images are skipped and counted. See docs/data.md.
 """
 
@@ -20,6 +21,7 @@ from pathlib import Path
 
 from ..data.sources import folder_samples, list_images, read_table, shapes_samples, table_samples
 from ..data.writer import write_shards
+from .checks import positive_int
 from .common import run_main
 
 
@@ -28,21 +30,25 @@ def main(argv: list[str] | None = None) -> int:
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--images", type=Path, help="folder of images (jpg/jpeg/png/webp) with same-stem .txt captions")
     source.add_argument("--table", type=Path, help="JSONL, CSV or TSV file with an image path and a caption per row")
-    source.add_argument("--shapes", type=int, metavar="N", help="write N samples of the built-in shapes dataset")
-    parser.add_argument("--out", required=True, help="shard prefix: writes OUT-000000.tar, ... and OUT-index.json")
-    parser.add_argument("--max-count", type=int, default=10_000, help="samples per shard at most (default 10000)")
+    source.add_argument("--shapes", type=positive_int, metavar="N",
+                        help="write N samples of the built-in shapes dataset")
+    parser.add_argument("--out", required=True, help="shard prefix: writes OUT-000000.tar, ... and OUT-index.json "
+                                                      "(a folder, OUT/: FOLDER-000000.tar, ... inside it)")
+    parser.add_argument("--max-count", type=positive_int, default=10_000,
+                        help="samples per shard at most (default 10000)")
     parser.add_argument("--max-size", type=float, default=None,
                         help="shard size in MB (10^6 bytes) at most (default: no bound; 100-1000 is typical)")
     parser.add_argument("--image-key", default="image", help="--table column with the image path (default image)")
     parser.add_argument("--caption-key", default="caption", help="--table column with the caption (default caption)")
     parser.add_argument("--allow-empty-captions", action="store_true",
                         help="keep images without a caption (stored with an empty caption) instead of skipping them")
-    parser.add_argument("--resize", type=int, default=None, metavar="PX",
+    parser.add_argument("--resize", type=positive_int, default=None, metavar="PX",
                         help="shrink images whose shorter side exceeds PX to PX (re-encodes them; default: keep bytes)")
-    parser.add_argument("--resolution", type=int, default=64, help="--shapes image size (default 64)")
+    parser.add_argument("--resolution", type=positive_int, default=64, help="--shapes image size (default 64)")
     parser.add_argument("--seed", type=int, default=0, help="--shapes seed (default 0)")
     parser.add_argument("--split", default="train", help="--shapes split: train or heldout (default train)")
-    parser.add_argument("--max-objects", type=int, default=1, help="--shapes objects per scene at most (default 1)")
+    parser.add_argument("--max-objects", type=positive_int, default=1,
+                        help="--shapes objects per scene at most (default 1)")
     parser.add_argument("--overwrite", action="store_true", help="replace existing shards with the same --out prefix")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)

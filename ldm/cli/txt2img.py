@@ -1,11 +1,17 @@
 """Generate images from a text prompt.
 
     ldm-txt2img --ckpt model.safetensors --prompt "a red circle" --n 4
+    ldm-txt2img --ckpt v1-5-pruned-emaonly.ckpt --vae vae-ft-mse-840000-ema-pruned.safetensors --prompt "a cat"
+    ldm-txt2img --ckpt v2-1_768-ema-pruned.safetensors --prediction-type v --prompt "a cat"
+    ldm-txt2img --from-png outputs/txt2img/00003-42.png                  # the same image again
     ldm-txt2img --config sd_tiny --prompt "a red circle"                  # random weights
     ldm-txt2img --ckpt model.safetensors --prompt "a red circle" --hires-scale 2 --hires-strength 0.5
     ldm-txt2img --ckpt model.safetensors --prompt "a red circle" --hires-scale 4 --upscaler x4.safetensors
 
-Writes one PNG per image (prompt, seed, sampler, steps and cfg in the PNG text chunks) and a grid.
+--ckpt takes an ldm model file, an original Stable Diffusion .safetensors / .ckpt or a diffusers
+folder; without it, $LDM_CHECKPOINT or runs/sd_tiny/model.safetensors (the README's training output).
+Writes one PNG per image and a grid; each PNG carries its settings as AUTOMATIC1111's `parameters`
+text (which A1111 and ComfyUI read) and as JSON under `ldm` (which --from-png reads).
 Hires fix (--hires-scale) generates at the model's size, upscales (the latents, or the image with an
 upscaler model given to --upscaler, in any format ldm-convert reads), then redraws at the larger
 size with img2img at --hires-strength; its settings go into the PNG text chunks too.

@@ -12,15 +12,18 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 
 from safetensors import safe_open
 
-from ..checkpoint import CONFIG_KEY
-from ..config import PREDICTION_TYPES
+from ..checkpoint import CONFIG_KEY, file_kind, read_model_config
+from ..config import PREDICTION_TYPES, Config, load_config
 from ..errors import CheckpointError
 from .diffusers.configs import PREDICTION_TO_DIFFUSERS
+from .diffusers.folder import read_diffusers_config
+from .single_file.load import read_single_file_config
 from .single_file.reader import PICKLE_SUFFIXES
 
 FORMATS = ("ours", "single", "diffusers")
@@ -37,25 +40,57 @@ def normalise_prediction_type(name: str) -> str:
 
 
 def detect_input_format(path: str | Path) -> str:
-    """A folder is a diffusers model; `.ckpt`/`.pt`/`.pth` an original single file; a `.safetensors`
-    is ours when its metadata holds our config, else an original single file."""
+    """The format of the model at `path`, read from the file itself, not its name: a folder is a
+    diffusers model; a PyTorch pickle (`.ckpt`, `.pt`, ... or misnamed) an original single file; a
+    `.safetensors` file is ours when its metadata holds our config, else an original single file."""
     path = Path(path)
     if path.is_dir():
         return "diffusers"
     if not path.exists():
         raise CheckpointError(f"{path} not found")
-    if path.suffix in PICKLE_SUFFIXES:
+    kind = file_kind(path)
+    if kind in ("zip", "pickle"):
         return "single"
-    if path.suffix == ".safetensors":
+    if kind == "safetensors":
         try:
             with safe_open(str(path), framework="pt") as f:
                 metadata = f.metadata() or {}
         except Exception as e:  # a corrupt header raises several kinds of errors
-            raise CheckpointError(f"{path} is not a readable .safetensors file ({e})") from None
+            raise CheckpointError(f"{path} is not a readable .safetensors file ({e}); it may be truncated or "
+                                  "corrupt: download or export it again") from None
         return "ours" if CONFIG_KEY in metadata else "single"
     raise CheckpointError(
-        f"cannot tell the format of {path}: expected a diffusers folder, .safetensors or .ckpt (or pass --from)"
+        f"{path} ({path.stat().st_size} bytes) is neither a .safetensors file nor a PyTorch pickle (.ckpt) by its "
+        "first bytes, nor a diffusers folder; it may be truncated, an HTML page saved by a failed download, "
+        "or another format"
     )
+
+
+def model_config(path: str | Path, fmt: str | None = None, *, config: str | Path | Config | None = None,
+                 prediction_type: str | None = None) -> Config:
+    """The config of the model at `path` (any format, told apart by `detect_input_format` unless `fmt`
+    says), without reading its weights: an ldm file's stored one, a diffusers folder's `config.json`
+    files, an original file's detected from its tensor shapes (or `config`, as `LDMPipeline.load`
+    takes it). `prediction_type` (ours or diffusers' spelling) replaces the model's."""
+    fmt = fmt or detect_input_format(path)
+    pred = normalise_prediction_type(prediction_type) if prediction_type else None
+    if fmt == "single":
+        return read_single_file_config(path, config=config, prediction_type=pred)
+    if fmt == "diffusers":
+        if config is not None:
+            raise CheckpointError(f"{path} is a diffusers folder, whose configs describe it; drop --config")
+        cfg = read_diffusers_config(path)
+    elif fmt == "ours":
+        cfg = config if isinstance(config, Config) else load_config(config) if config else read_model_config(path)
+    else:
+        raise ValueError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    return with_prediction_type(cfg, pred) if pred else cfg
+
+
+def with_prediction_type(config: Config, prediction_type: str) -> Config:
+    """A copy of `config` whose model predicts `prediction_type` (eps, v or x0)."""
+    diffusion = dataclasses.replace(config.model.diffusion, prediction_type=prediction_type)
+    return dataclasses.replace(config, model=dataclasses.replace(config.model, diffusion=diffusion))
 
 
 def infer_output_format(path: str | Path) -> str:

@@ -106,7 +106,8 @@ def shapes_batches(
     step s on rank r holds items ((s * micro_steps + m) * world + r) * batch_size + j."""
     from .shapes import ShapesDataset
 
-    dataset = ShapesDataset(resolution=data.resolution, length=2**62, seed=seed, max_objects=data.shapes_max_objects)
+    dataset = ShapesDataset(resolution=data.resolution, length=2**62, seed=seed, max_objects=data.shapes_max_objects,
+                            combinations=data.shapes_combinations)
     index = start_step * micro_steps
     while True:
         base = (index * world + rank) * batch_size
@@ -175,7 +176,8 @@ def heldout_items(data: DataConfig, seed: int, n: int | None = None) -> list[dic
     if data.source == "shapes":
         from .shapes import ShapesDataset
 
-        dataset = ShapesDataset(data.resolution, n, seed, data.shapes_max_objects, split="heldout")
+        dataset = ShapesDataset(data.resolution, n, seed, data.shapes_max_objects, split="heldout",
+                                combinations=data.shapes_combinations)
         return [{k: v for k, v in dataset[i].items() if k != "scene"} for i in range(n)]
     urls = data.heldout_urls or data.urls
     keep = _split(data, heldout=True)

@@ -9,8 +9,11 @@ patterns, `pipe:` commands, index files), or the images of a folder or caption t
 across ranks and DataLoader workers ("slots"); broken samples are skipped, named in a warning and
 counted in a `SkipCounter` shared by all workers. With `epoch_length` set, every slot cycles
 through its shards forever and each rank yields exactly `epoch_length` batches per epoch, so DDP
-never waits on a rank that ran dry. The stream is a pure function of (seed, epoch, rank,
-world_size, num_workers); `loader.state_dict()` / `load_state_dict()` give the exact position.
+never waits on a rank that ran dry; a slot whose own shards give no usable sample in a whole
+pass (they are all broken, unreadable or held out) widens to a share of all shards rather than
+stopping the run, and only data with no usable sample anywhere is an error. The stream is a pure
+function of (seed, epoch, rank, world_size, num_workers); `loader.state_dict()` /
+`load_state_dict()` give the exact position.
 
 `make_latent_loader` reads pre-computed latent shards (`.latent.npy` or `.latent.pth`, `.txt`,
 optional `.emb.npy`) written by `ldm.data.writer.write_latent_shards`.
@@ -34,9 +37,6 @@ from .transforms import BrokenSample, ImageTextDecoder, LatentDecoder
 
 log = logging.getLogger(__name__)
 
-# With epoch_length set the data repeats forever; this many broken samples in a row with no good
-# one means the slot's data is all broken, and is an error rather than an endless loop.
-MAX_CONSECUTIVE_BROKEN = 10_000
 WARNINGS_PER_REASON = 3  # broken samples named in warnings, per reason and worker, each epoch
 
 SKIP_REASONS = ("missing_image", "missing_caption", "missing_latent", "empty_image", "undecodable_image",
@@ -120,6 +120,26 @@ def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
             else [s[k] for s in samples] for k in keys}
 
 
+class SlotShare:
+    """Which samples a slot reads, widened when its share holds no usable sample in a whole pass:
+    "own" (its shards), "strided" (every n-th sample of all shards), "all" (every sample)."""
+
+    MODES = ("own", "strided", "all")
+
+    def __init__(self, mode: str):
+        self.mode = mode
+        self.last_pass: int | None = None  # samples read in the last whole pass in this mode
+
+    def widen(self, slot: int, nslots: int, shards: int, why: str) -> None:
+        if self.mode == "all":
+            raise RuntimeError(f"no usable sample in any of the {shards} shards ({why}); check the data")
+        self.mode = self.MODES[self.MODES.index(self.mode) + 1]
+        self.last_pass = None
+        reads = f"one in {nslots} samples of all {shards} shards" if self.mode == "strided" else "every sample"
+        log.warning("slot %d of %d (rank x worker) %s in a whole pass; it now reads %s, so some samples repeat within "
+                    "an epoch: check the shards", slot, nslots, why, reads)
+
+
 def _item_sample(item: Item) -> dict[str, Any]:
     """The raw sample of one folder image, read now (a file that vanished has no image)."""
     sample = {"__key__": item.key, "__url__": str(item.path), "txt": (item.caption or "").strip().encode("utf-8")}
@@ -200,25 +220,27 @@ class ShardDataset(IterableDataset):
             else:
                 yield _item_sample(shard)
 
-    def _raw_samples(self, slot: int, nslots: int) -> Iterator[dict[str, Any]]:
-        """Undecoded samples of this slot, pass after pass (one pass when epoch_length is None)."""
-        split_shards = len(self.urls) >= nslots
+    def _raw_samples(self, slot: int, nslots: int, share: SlotShare) -> Iterator[dict[str, Any]]:
+        """Undecoded samples of this slot, pass after pass (one pass when epoch_length is None), from
+        the shards `share.mode` gives it at the start of each pass."""
         pass_index = 0
         while True:
             urls = list(self.urls)
             if self.shuffle_buffer > 1:
                 random.Random(f"shards-{self.seed}-{self.epoch}-{pass_index}").shuffle(urls)
-            mine = urls[slot::nslots] if split_shards else urls
+            mode = share.mode
+            mine = urls[slot::nslots] if mode == "own" else urls
             n = 0
             for i, sample in enumerate(self._read(mine)):
-                if (split_shards or i % nslots == slot) and (self.keep is None or self.keep(sample["__key__"])):
+                if (mode != "strided" or i % nslots == slot) and (self.keep is None or self.keep(sample["__key__"])):
                     n += 1
                     yield sample
             if self.epoch_length is None:
                 return
-            if n == 0:
-                raise RuntimeError(f"slot {slot} of {nslots} got no samples from {len(mine)} shards in a whole "
-                                   "pass; check the shards, or use fewer workers")
+            if n == 0 and share.mode == mode:
+                share.widen(slot, nslots, len(self.urls), f"got no samples from {len(mine)} shards")
+            elif share.mode == mode:
+                share.last_pass = n
             pass_index += 1
 
     def _skip(self, sample: dict[str, Any], e: BrokenSample) -> None:
@@ -244,17 +266,20 @@ class ShardDataset(IterableDataset):
                 return
         tar_buffer = self.shuffle_buffer if any(isinstance(s, str) for s in self.urls) else 0
         pending: dict[tuple, list[dict[str, Any]]] = {}  # samples by shape, until a batch is full
+        share = SlotShare("own" if len(self.urls) >= nslots else "strided")
         produced = broken = 0
-        for sample in _shuffled(self._raw_samples(slot, nslots), tar_buffer, rng):
+        for sample in _shuffled(self._raw_samples(slot, nslots, share), tar_buffer, rng):
             try:
                 item = self.decode(sample, rng)
                 broken = 0
             except BrokenSample as e:
                 self._skip(sample, e)
                 broken += 1
-                if broken >= MAX_CONSECUTIVE_BROKEN:
-                    raise RuntimeError(f"{broken} broken samples in a row and none usable (skipped so far: "
-                                       f"{self.skipped.as_dict()}); check the shards {self.urls[:3]}...") from None
+                # a whole pass of broken samples in a row (the shuffle buffer may hold some back)
+                if quota is not None and share.last_pass is not None and broken > share.last_pass + tar_buffer:
+                    share.widen(slot, nslots, len(self.urls), f"found only broken samples (skipped so far: "
+                                f"{self.skipped.as_dict()})")
+                    broken = 0
                 continue
             if item.pop("upscaled", False):
                 self.skipped.add("upscaled")

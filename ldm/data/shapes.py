@@ -20,6 +20,11 @@ Caption grammar (deterministic; objects in reading order, the order `sample_scen
               | "on the right" | "at the bottom left" | "at the bottom" | "at the bottom right"
 e.g. "a small red circle at the top left and a large blue triangle on the right, on a white background".
 
+Held-out combinations: `HELDOUT_PAIRS` names six attribute pairs (three colour-shape, three
+shape-position). A training stream drawn with `combinations="seen"` never shows an object holding
+one; evaluation on `combinations="unseen"` shows only such objects, so a model trained that way is
+scored on captions it cannot have memorised, only composed from words it knows.
+
 Any resolution >= 16 renders; from 24 px up every shape keeps an outline the detector tells apart
 (below that a small object is 2-3 pixels across).
 """
@@ -82,6 +87,15 @@ PLACES: dict[str, str] = {
     "bottom right": "at the bottom right",
 }
 SPLITS = ("train", "heldout")
+# Attribute pairs that a model trained with `combinations="seen"` never sees together, so that the
+# "unseen" scenes test whether it composes words it knows rather than recalling captions it read:
+# one colour-shape pair per shape and one shape-position pair per shape. Every word, and every
+# other pair of words, still occurs in training; 24% of single objects hold a held-out pair.
+HELDOUT_PAIRS: frozenset[tuple[str, str]] = frozenset({
+    ("orange", "circle"), ("cyan", "square"), ("purple", "triangle"),
+    ("circle", "bottom left"), ("square", "top right"), ("triangle", "center"),
+})
+COMBINATIONS = ("all", "seen", "unseen")
 
 Rng = random.Random | np.random.Generator
 
@@ -107,6 +121,11 @@ class Shape:
 
     def phrase(self) -> str:
         return f"a {self.size} {self.colour} {self.shape} {PLACES[self.position]}"
+
+    @property
+    def unseen(self) -> bool:
+        """Whether the object holds a pair of `HELDOUT_PAIRS` (never shown with `combinations="seen"`)."""
+        return (self.colour, self.shape) in HELDOUT_PAIRS or (self.shape, self.position) in HELDOUT_PAIRS
 
 
 @dataclass
@@ -168,23 +187,33 @@ def _sample_without_replacement(rng: Rng, n: int, k: int) -> list[int]:
     return [int(v) for v in rng.choice(n, size=k, replace=False)]
 
 
-def sample_scene(rng: Rng, max_objects: int = 1) -> Scene:
+def sample_scene(rng: Rng, max_objects: int = 1, combinations: str = "all") -> Scene:
     """A random scene: 1..max_objects objects (uniform count) in distinct cells, listed in reading
-    order; every attribute uniform and independent."""
+    order; every attribute uniform and independent.
+
+    `combinations="seen"` redraws an object's shape, colour and size until it holds no pair of
+    `HELDOUT_PAIRS`; `"unseen"` until it holds one (uniform over the allowed objects in its cell
+    either way). `"all"` draws exactly the stream it always has."""
     if not 1 <= max_objects <= len(POSITIONS):
         raise ValueError(f"max_objects must be in 1..{len(POSITIONS)} (got {max_objects})")
+    if combinations not in COMBINATIONS:
+        raise ValueError(f"combinations must be one of {COMBINATIONS} (got {combinations!r})")
     colours, sizes, positions = list(COLOURS), list(SIZES), list(POSITIONS)
     n = 1 + _randrange(rng, max_objects)
     cells = sorted(_sample_without_replacement(rng, len(positions), n))
-    objects = [
-        Shape(
-            shape=SHAPES[_randrange(rng, len(SHAPES))],
-            colour=colours[_randrange(rng, len(colours))],
-            size=sizes[_randrange(rng, len(sizes))],
-            position=positions[c],
-        )
-        for c in cells
-    ]
+    objects = []
+    for c in cells:
+        while True:
+            obj = Shape(
+                shape=SHAPES[_randrange(rng, len(SHAPES))],
+                colour=colours[_randrange(rng, len(colours))],
+                size=sizes[_randrange(rng, len(sizes))],
+                position=positions[c],
+            )
+            # Terminates: every cell allows both kinds (the colour-shape pairs hold out no position).
+            if combinations == "all" or obj.unseen == (combinations == "unseen"):
+                break
+        objects.append(obj)
     return Scene(objects, list(BACKGROUNDS)[_randrange(rng, len(BACKGROUNDS))])
 
 
@@ -305,13 +334,17 @@ class ShapesDataset(torch.utils.data.Dataset):
     Items: {"image": float32 (3, H, W) in [-1, 1], "caption": str, "scene": dict (`Scene.to_dict`)}.
     `split="heldout"` draws from a random stream disjoint from "train" for the same seed, so
     held-out images are never the training ones (the scene vocabulary is shared: a held-out caption
-    may also occur in training, as with any finite vocabulary).
+    may also occur in training, as with any finite vocabulary). `combinations` ("all", "seen" or
+    "unseen", see `sample_scene`) keeps the pairs of `HELDOUT_PAIRS` out of a training stream, or
+    draws only objects holding one, so that a model is also tested on captions it cannot have read.
     """
 
     def __init__(self, resolution: int = 64, length: int = 100_000, seed: int = 0, max_objects: int = 1,
-                 split: str = "train"):
+                 split: str = "train", combinations: str = "all"):
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS} (got {split!r})")
+        if combinations not in COMBINATIONS:
+            raise ValueError(f"combinations must be one of {COMBINATIONS} (got {combinations!r})")
         if resolution < 16:
             raise ValueError(f"resolution must be >= 16 (got {resolution})")
         if length < 0 or seed < 0:
@@ -319,7 +352,7 @@ class ShapesDataset(torch.utils.data.Dataset):
         if not 1 <= max_objects <= len(POSITIONS):
             raise ValueError(f"max_objects must be in 1..{len(POSITIONS)} (got {max_objects})")
         self.resolution, self.length, self.seed = resolution, length, seed
-        self.max_objects, self.split = max_objects, split
+        self.max_objects, self.split, self.combinations = max_objects, split, combinations
 
     def __len__(self) -> int:
         return self.length
@@ -330,7 +363,7 @@ class ShapesDataset(torch.utils.data.Dataset):
         # A Mersenne Twister seeded with the text "seed/split/i", which Python hashes with SHA-512: a
         # well-mixed stream per item and split (integer seeds that differ only in high bits can start
         # alike), and ~10x cheaper to set up than a numpy Generator.
-        return sample_scene(random.Random(f"{self.seed}/{self.split}/{i}"), self.max_objects)
+        return sample_scene(random.Random(f"{self.seed}/{self.split}/{i}"), self.max_objects, self.combinations)
 
     def __getitem__(self, i: int) -> dict:
         scene = self.scene(int(i))

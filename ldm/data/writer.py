@@ -76,6 +76,21 @@ def _sample_tar_size(sample: dict[str, Any]) -> int:
     return sum(_tar_member_size(len(v)) for k, v in sample.items() if not k.startswith("_"))
 
 
+def shard_prefix(prefix: str | os.PathLike) -> Path:
+    """The path shards are named by. A prefix that ends in a path separator or names an existing
+    folder means shards inside that folder, named after it (`data/train/` ->
+    `data/train/train-000000.tar` and `data/train/train-index.json`)."""
+    text = os.fspath(prefix)
+    path = Path(text)
+    if text.endswith(("/", os.sep)) or path.is_dir():
+        name = path.resolve().name
+        if not name:
+            raise ValueError(f"{text!r} names no shard prefix; pass a folder and a name, e.g. "
+                             f"{text.rstrip('/')}/shards/train")
+        return path / name
+    return path
+
+
 def existing_shards(prefix: str | os.PathLike) -> list[Path]:
     """Shards (and leftover partial shards) named `{prefix}-NNNNNN.tar[.partial]`, and the index."""
     prefix = Path(prefix)
@@ -190,7 +205,8 @@ def write_shards(
     progress: bool = True,
     overwrite: bool = False,
 ) -> WriteSummary:
-    """Write samples from `source` into shards `{prefix}-000000.tar`, ... and `{prefix}-index.json`.
+    """Write samples from `source` into shards `{prefix}-000000.tar`, ... and `{prefix}-index.json`
+    (a prefix `DIR/` writes `DIR/DIR-000000.tar`, ...: see `shard_prefix`).
 
     `source` yields sample dicts (`__key__` plus bytes per extension) or `Skip` markers, which are
     counted by reason. An exception from the source propagates after the shard being written is
@@ -199,6 +215,7 @@ def write_shards(
     """
     from tqdm.auto import tqdm
 
+    prefix = shard_prefix(prefix)
     summary = WriteSummary()
     max_size = None if max_size_mb is None else int(max_size_mb * MB)
     sink = ShardSink(prefix, max_count=max_count, max_size=max_size, overwrite=overwrite)

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..data.shapes import BACKGROUNDS, COLOURS, GRID, POSITIONS, SIZES, Scene, Shape, parse_caption
+from ..data.shapes import BACKGROUNDS, COLOURS, GRID, POSITIONS, SHAPES, SIZES, Scene, Shape, parse_caption
 
 ATTRIBUTES = ("colour", "shape", "size", "position", "count", "background", "all")
 
@@ -255,18 +255,57 @@ def score(prompt: Scene, detected: Scene) -> dict[str, bool]:
     return result
 
 
+def detect_all(images: Sequence | torch.Tensor, prompts: Sequence[str | Scene],
+               value_range: tuple[float, float] | None = None) -> list[tuple[Scene, Scene]]:
+    """(prompt's scene, detected scene) for each image. `images`: a list of images `detect` accepts,
+    or a (B, 3, H, W) tensor; `prompts`: captions (parsed with `parse_caption`) or scenes."""
+    if len(images) != len(prompts):
+        raise ValueError(f"got {len(images)} images for {len(prompts)} prompts; pass one prompt per image")
+    pairs = []
+    for image, prompt in zip(images, prompts):
+        want = parse_caption(prompt) if isinstance(prompt, str) else prompt
+        pairs.append((want, detect(image, max_objects=max(2, len(want.objects)), value_range=value_range)))
+    return pairs
+
+
+def summarize(pairs: Sequence[tuple[Scene, Scene]]) -> dict[str, float]:
+    """Fraction of (prompt, detected) pairs agreeing, per attribute of `score` (keys `ATTRIBUTES`),
+    plus "n", the number of pairs."""
+    totals = dict.fromkeys(ATTRIBUTES, 0)
+    for want, got in pairs:
+        for attr, ok in score(want, got).items():
+            totals[attr] += ok
+    n = len(pairs)
+    return {**{attr: totals[attr] / n if n else 0.0 for attr in ATTRIBUTES}, "n": float(n)}
+
+
 def adherence(images: Sequence | torch.Tensor, prompts: Sequence[str | Scene],
               value_range: tuple[float, float] | None = None) -> dict[str, float]:
     """Fraction of images agreeing with their prompt, per attribute of `score` (keys `ATTRIBUTES`),
-    plus "n", the number of images. `images`: a list of images `detect` accepts, or a (B, 3, H, W)
-    tensor; `prompts`: captions (parsed with `parse_caption`) or scenes."""
-    if len(images) != len(prompts):
-        raise ValueError(f"got {len(images)} images for {len(prompts)} prompts; pass one prompt per image")
-    totals = dict.fromkeys(ATTRIBUTES, 0)
-    for image, prompt in zip(images, prompts):
-        want = parse_caption(prompt) if isinstance(prompt, str) else prompt
-        got = detect(image, max_objects=max(2, len(want.objects)), value_range=value_range)
-        for attr, ok in score(want, got).items():
-            totals[attr] += ok
-    n = len(prompts)
-    return {**{attr: totals[attr] / n if n else 0.0 for attr in ATTRIBUTES}, "n": float(n)}
+    plus "n", the number of images. Arguments as for `detect_all`."""
+    return summarize(detect_all(images, prompts, value_range))
+
+
+CONFUSION_LABELS = {
+    "colour": list(COLOURS), "shape": list(SHAPES), "size": list(SIZES),
+    "position": list(POSITIONS), "background": list(BACKGROUNDS), "count": ["0", "1", "2", "3+"],
+}
+
+
+def confusion(pairs: Sequence[tuple[Scene, Scene]]) -> dict[str, tuple[list[str], list[str], np.ndarray]]:
+    """What was drawn when X was asked for, per attribute: {attr: (asked labels, drawn labels,
+    counts (asked, drawn))}. Object attributes compare each prompt object with its match (as `score`
+    does); a prompt object with no match is drawn as "none"."""
+    out = {}
+    for attr, labels in CONFUSION_LABELS.items():
+        drawn = labels + (["none"] if attr in ("colour", "shape", "size", "position") else [])
+        out[attr] = (labels, drawn, np.zeros((len(labels), len(drawn)), dtype=np.int64))
+    for want, got in pairs:
+        for attr in ("colour", "shape", "size", "position"):
+            labels, drawn, counts = out[attr]
+            for p, m in zip(want.objects, _match(want, got)):
+                counts[labels.index(getattr(p, attr)), drawn.index(getattr(m, attr) if m else "none")] += 1
+        labels, _, counts = out["background"]
+        counts[labels.index(want.background), labels.index(got.background)] += 1
+        out["count"][2][min(len(want.objects), 3), min(len(got.objects), 3)] += 1
+    return out

@@ -10,16 +10,19 @@ from __future__ import annotations
 import torch
 
 from ..data.degrade import downscale
-from ..data.shapes import ShapesDataset
+from ..data.shapes import Scene, ShapesDataset
 from ..diffusion import diffusion_loss, low_res_schedule, noise_augment, q_sample, upscaler_input
 from ..pipeline import LDMPipeline
-from .adherence import adherence
+from .adherence import detect_all, summarize
 
 EVAL_TIMESTEPS = (100, 300, 500, 700, 900)
 
 
-def heldout_items(n: int, resolution: int, seed: int = 0, max_objects: int = 1) -> list[dict]:
-    data = ShapesDataset(resolution=resolution, length=n, seed=seed, max_objects=max_objects, split="heldout")
+def heldout_items(n: int, resolution: int, seed: int = 0, max_objects: int = 1, combinations: str = "all") -> list[dict]:
+    """n items of the held-out image stream; `combinations` "seen" / "unseen" restricts their objects
+    to those without / with a pair of `ldm.data.shapes.HELDOUT_PAIRS`."""
+    data = ShapesDataset(resolution=resolution, length=n, seed=seed, max_objects=max_objects, split="heldout",
+                         combinations=combinations)
     return [data[i] for i in range(n)]
 
 
@@ -43,7 +46,7 @@ def heldout_loss(
         else:
             images = torch.stack([it["image"] for it in chunk]).to(device, dtype)
             z = pipe.vae.encode(images).mean.float() * pipe.vae.scaling_factor
-        context = pipe.encode_prompt([it["caption"] for it in chunk])
+        context = pipe.text_encoder([it["caption"] for it in chunk]).to(dtype)  # as training encodes captions
         extra = {}
         if low_res is not None:  # (B, 3, h, w) augmented low-resolution input, and its level as the label
             lowres = downscale(images.float(), pipe.vae.downsample_factor)
@@ -66,7 +69,7 @@ def heldout_loss(
     return out
 
 
-def prompt_adherence(
+def generate_and_detect(
     pipe: LDMPipeline,
     captions: list[str],
     *,
@@ -77,11 +80,18 @@ def prompt_adherence(
     seed: int = 0,
     batch_size: int = 16,
     progress: bool = True,
-) -> dict[str, float]:
-    """Generate one image per caption (image k seeded seed + k) and score it against the caption."""
+) -> list[tuple[Scene, Scene]]:
+    """Generate one image per caption (image k seeded seed + k) and detect what it shows: a
+    (prompt scene, detected scene) pair per caption."""
     images = []
     for start in range(0, len(captions), batch_size):
         chunk = captions[start : start + batch_size]
         images.append(pipe.generate(chunk, cfg=cfg, steps=steps, sampler=sampler, seed=seed + start, height=resolution,
                                     width=resolution, output_type="tensor", progress=progress))
-    return adherence(torch.cat(images), captions, value_range=(0.0, 1.0))
+    return detect_all(torch.cat(images), captions, value_range=(0.0, 1.0))
+
+
+def prompt_adherence(pipe: LDMPipeline, captions: list[str], **kwargs) -> dict[str, float]:
+    """Share of generated images agreeing with their caption, per attribute (`summarize`); keyword
+    arguments as for `generate_and_detect`."""
+    return summarize(generate_and_detect(pipe, captions, **kwargs))

@@ -101,7 +101,7 @@ class CrossAttention(AttentionLayer):
         k, v from the context with one Linear whose weight stacks theirs along the output dim."""
         if self.fused is not None:
             return
-        names = _FUSED_NAMES["qkv" if self_attention else "kv"]
+        names = FUSED_NAMES["qkv" if self_attention else "kv"]
         layers = [getattr(self, n) for n in names]
         if self_attention and self.to_q.in_features != self.to_k.in_features:
             raise ValueError(
@@ -123,7 +123,7 @@ class CrossAttention(AttentionLayer):
             return
         fused = getattr(self, "to_" + self.fused)
         delattr(self, "to_" + self.fused)
-        names = _FUSED_NAMES[self.fused]
+        names = FUSED_NAMES[self.fused]
         for n, w in zip(names, fused.weight.detach().chunk(len(names))):
             layer = nn.Linear(w.shape[1], w.shape[0], bias=False, device=w.device, dtype=w.dtype)
             layer.weight = nn.Parameter(w.clone(), requires_grad=fused.weight.requires_grad)
@@ -152,7 +152,8 @@ class CrossAttention(AttentionLayer):
         return self.to_out(out)
 
 
-_FUSED_NAMES = {"qkv": ("to_q", "to_k", "to_v"), "kv": ("to_k", "to_v")}
+# the projections a fused layer holds, in the order of its rows
+FUSED_NAMES = {"qkv": ("to_q", "to_k", "to_v"), "kv": ("to_k", "to_v")}
 
 
 def _split_fused_weight(module: CrossAttention, state: dict[str, torch.Tensor], prefix: str, _meta: dict) -> None:
@@ -161,7 +162,7 @@ def _split_fused_weight(module: CrossAttention, state: dict[str, torch.Tensor], 
         return
     own = {k: state.pop(k) for k in [k for k in state if k.startswith(prefix)]}
     fused = own.pop(f"{prefix}to_{module.fused}.weight")
-    names = _FUSED_NAMES[module.fused]
+    names = FUSED_NAMES[module.fused]
     split = {f"{prefix}{n}.weight": w for n, w in zip(names, fused.chunk(len(names)))}
     for name in ("to_q", "to_k", "to_v"):
         key = f"{prefix}{name}.weight"
@@ -173,7 +174,7 @@ def _join_fused_weight(module: CrossAttention, state: dict[str, torch.Tensor], p
     """load_state_dict pre-hook: stack separate to_q/to_k/to_v weights into the fused one."""
     if module.fused is None:
         return
-    keys = [f"{prefix}{n}.weight" for n in _FUSED_NAMES[module.fused]]
+    keys = [f"{prefix}{n}.weight" for n in FUSED_NAMES[module.fused]]
     if all(k in state for k in keys):
         state[f"{prefix}to_{module.fused}.weight"] = torch.cat([state.pop(k) for k in keys])
 
@@ -232,11 +233,39 @@ class BasicTransformerBlock(nn.Module):
         return x + self.ff(self.norm3(x))
 
 
+class FourierPositions(nn.Module):
+    """Where each pixel of a feature map is, as a learned projection of Fourier features of its
+    coordinates: (H, W) -> (H * W, dim), to be added to the pixel tokens.
+
+    Coordinates are pixel centres scaled to [0, 1] on each axis, so a pixel means the same place in
+    the image at every feature-map size; the features are sin and cos of pi * k * coordinate for
+    k = 1..freqs on both axes (4 * freqs numbers). The projection starts at zero: a fresh layer
+    leaves the model as it would be without it, and learns from the first step.
+    """
+
+    def __init__(self, freqs: int, dim: int) -> None:
+        super().__init__()
+        self.freqs = freqs
+        self.proj = zero_module(nn.Linear(4 * freqs, dim, bias=False))
+
+    def forward(self, h: int, w: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        k = torch.arange(1, self.freqs + 1, device=device, dtype=torch.float32) * torch.pi  # (F,)
+        ys = (torch.arange(h, device=device, dtype=torch.float32) + 0.5) / h
+        xs = (torch.arange(w, device=device, dtype=torch.float32) + 0.5) / w
+        ay = (ys[:, None] * k)[:, None, :].expand(h, w, -1)  # (H, W, F)
+        ax = (xs[:, None] * k)[None, :, :].expand(h, w, -1)
+        feats = torch.cat([ay.sin(), ay.cos(), ax.sin(), ax.cos()], dim=-1).reshape(h * w, -1)  # (H*W, 4F)
+        return self.proj(feats.to(self.proj.weight.dtype)).to(dtype)
+
+
 class SpatialTransformer(nn.Module):
     """Transformer over the pixels of a feature map, conditioned on a context by cross-attention.
 
     GroupNorm, project in (1x1 conv as in SD 1.x, or Linear as in SD 2.x), `depth` transformer
-    blocks, zero-initialised projection out, residual around the whole.
+    blocks, zero-initialised projection out, residual around the whole. With `position_freqs` > 0
+    the projected tokens also get `FourierPositions`, so attention (to the text above all) can tell
+    one part of the image from another; without it, only the convolutions' zero padding says where
+    a pixel is (the original Stable Diffusion layout).
     """
 
     def __init__(
@@ -250,10 +279,12 @@ class SpatialTransformer(nn.Module):
         use_linear: bool,
         dropout: float = 0.0,
         disable_self_attn: bool = False,
+        position_freqs: int = 0,
     ) -> None:
         super().__init__()
         inner = heads * dim_head
         self.use_linear = use_linear
+        self.pos_embed = FourierPositions(position_freqs, inner) if position_freqs > 0 else None
         self.norm = normalization(channels, groups, eps=1e-6)
         if use_linear:
             self.proj_in = nn.Linear(channels, inner)
@@ -274,6 +305,8 @@ class SpatialTransformer(nn.Module):
         x = x.flatten(2).transpose(1, 2)  # (B, H*W, inner or C)
         if self.use_linear:
             x = self.proj_in(x)  # (B, H*W, inner)
+        if self.pos_embed is not None:
+            x = x + self.pos_embed(h, w, x.device, x.dtype)  # (H*W, inner) broadcast over B
         for block in self.transformer_blocks:
             x = block(x, context)
         if self.use_linear:

@@ -29,6 +29,8 @@ from .tokenizer import BOS_ID, EOS_ID, VOCAB_SIZE, CLIPTokenizer
 # Each kind pads as the tokenizer of its original checkpoints did; the padding tokens come after
 # <|endoftext|>, so under the causal mask they never change the states of the prompt's tokens.
 PAD_IDS = {"hf_clip": EOS_ID, "open_clip": 0}
+# The text width (= the U-Net's context width) of the public families, to name them in errors.
+FAMILY_WIDTHS = {768: "SD 1.x", 1024: "SD 2.x", 2048: "SDXL"}
 
 _SHARED_TOKENIZER: CLIPTokenizer | None = None
 
@@ -61,6 +63,14 @@ def _activation(name: str) -> nn.Module:
     raise ConfigError(f"text_encoder.activation must be 'quick_gelu' or 'gelu' (got {name!r})")
 
 
+class InProjection(nn.Module):
+    """The fused q/k/v projection as a module of its own, holding no weights (they stay on the
+    attention layer under OpenCLIP's names), so that forward hooks (LoRA) can reach its output."""
+
+    def forward(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, weight, bias)
+
+
 class CausalSelfAttention(nn.Module):
     """Multi-head causal self-attention with a fused input projection.
 
@@ -73,11 +83,12 @@ class CausalSelfAttention(nn.Module):
         self.heads = heads
         self.in_proj_weight = nn.Parameter(torch.empty(3 * width, width))
         self.in_proj_bias = nn.Parameter(torch.empty(3 * width))
+        self.in_proj = InProjection()
         self.out_proj = nn.Linear(width, width)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, t, w = x.shape
-        qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)  # (B, T, 3w)
+        qkv = self.in_proj(x, self.in_proj_weight, self.in_proj_bias)  # (B, T, 3w)
         q, k, v = qkv.view(b, t, 3, self.heads, w // self.heads).permute(2, 0, 3, 1, 4)  # 3 x (B, nh, T, hs)
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # softmax(q k^T / sqrt(hs)) v
         return self.out_proj(y.transpose(1, 2).reshape(b, t, w))
@@ -228,6 +239,8 @@ class TextEncoder(nn.Module):
                 f"vocabulary its tokenizer emits (got {cfg.vocab_size})"
             )
         self.cfg = cfg
+        # textual-inversion words -> their ids (from cfg.vocab_size on; see ldm.models.textual_inversion)
+        self.added_tokens: dict[str, list[int]] = {}
         if cfg.kind == "hf_clip":
             self.transformer = _build_hf_clip(cfg)
         else:
@@ -252,6 +265,13 @@ class TextEncoder(nn.Module):
     def context_length(self) -> int:
         return self.cfg.context_length
 
+    @property
+    def token_embedding(self) -> nn.Embedding:
+        """The table that maps token ids to the transformer's input vectors."""
+        if self.cfg.kind == "open_clip":
+            return self.model.token_embedding
+        return self.transformer.text_model.embeddings.token_embedding
+
     def train(self, mode: bool = True) -> TextEncoder:
         # A frozen encoder is always in eval mode (no dropout, fixed behaviour), even when a
         # parent module is put into training.
@@ -262,7 +282,9 @@ class TextEncoder(nn.Module):
         was cut to fit the context length."""
         if isinstance(prompts, str):
             prompts = [prompts]
-        tokens, dropped = self.tokenizer(list(prompts), self.cfg.context_length, pad_id=self.pad_id)
+        tokens, dropped = self.tokenizer(
+            list(prompts), self.cfg.context_length, pad_id=self.pad_id, added=self.added_tokens
+        )
         cut = [(i, n) for i, n in enumerate(dropped) if n]
         if cut:
             detail = ", ".join(f"prompt {i}: {n} token{'s' if n > 1 else ''} dropped" for i, n in cut)

@@ -17,7 +17,7 @@ import functools
 import gzip
 import html
 from importlib import resources
-from typing import Iterable, Sequence
+from typing import Iterable, Mapping, Sequence
 
 import ftfy
 import regex
@@ -97,6 +97,15 @@ def _load_tables(path: str | None) -> tuple[dict[str, int], dict[tuple[str, str]
     return encoder, ranks
 
 
+@functools.lru_cache(maxsize=64)
+def _added_pattern(names: tuple[str, ...]) -> regex.Pattern:
+    """A regex whose one group is any of `names` (cleaned like prompts), longest first, where no
+    letter or digit touches it: split() then alternates text and names."""
+    cleaned = sorted({clean_text(n) for n in names}, key=len, reverse=True)
+    alternatives = "|".join(regex.escape(n) for n in cleaned)
+    return regex.compile(rf"(?<![\p{{L}}\p{{N}}])({alternatives})(?![\p{{L}}\p{{N}}])")
+
+
 class CLIPTokenizer:
     """CLIP's BPE tokenizer. `encode`/`decode` map text to ids and back; calling it on a batch of
     prompts gives the fixed-length (B, context_length) id tensor the text transformers take.
@@ -155,10 +164,27 @@ class CLIPTokenizer:
 
     # ------------------------------------------------------------------ text <-> ids
 
-    def encode(self, text: str) -> list[int]:
-        """Token ids of `text`, without the start and end tokens."""
+    def encode(self, text: str, added: Mapping[str, Sequence[int]] | None = None) -> list[int]:
+        """Token ids of `text`, without the start and end tokens.
+
+        `added` maps extra words (textual-inversion names) to their ids: each is found in the
+        cleaned text, case-insensitively, where no letter or digit touches it, and gives its ids
+        in place of BPE tokens."""
         ids: list[int] = []
-        for piece in _PRE_TOKEN.findall(clean_text(text)):
+        cleaned = clean_text(text)
+        pattern = _added_pattern(tuple(sorted(added))) if added else None
+        if pattern is None:
+            return self._encode_clean(cleaned, ids)
+        lowered = {clean_text(name): list(v) for name, v in added.items()}
+        for i, part in enumerate(pattern.split(cleaned)):
+            if i % 2:
+                ids.extend(lowered[part])
+            else:
+                self._encode_clean(part, ids)
+        return ids
+
+    def _encode_clean(self, cleaned: str, ids: list[int]) -> list[int]:
+        for piece in _PRE_TOKEN.findall(cleaned):
             word = "".join(self.byte_encoder[b] for b in piece.encode("utf-8"))
             ids.extend(self.encoder[s] for s in self.bpe(word))
         return ids
@@ -188,7 +214,12 @@ class CLIPTokenizer:
     # ------------------------------------------------------------------ batches
 
     def __call__(
-        self, prompts: Sequence[str], context_length: int = 77, *, pad_id: int
+        self,
+        prompts: Sequence[str],
+        context_length: int = 77,
+        *,
+        pad_id: int,
+        added: Mapping[str, Sequence[int]] | None = None,
     ) -> tuple[torch.Tensor, list[int]]:
         """Tokenize a batch: `<|startoftext|> ids <|endoftext|>`, padded with `pad_id`.
 
@@ -203,7 +234,7 @@ class CLIPTokenizer:
         out = torch.full((len(prompts), context_length), pad_id, dtype=torch.long)
         dropped = []
         for row, prompt in enumerate(prompts):
-            ids = [BOS_ID, *self.encode(prompt), EOS_ID]
+            ids = [BOS_ID, *self.encode(prompt, added), EOS_ID]
             excess = max(0, len(ids) - context_length)
             if excess:
                 ids = [*ids[: context_length - 1], EOS_ID]

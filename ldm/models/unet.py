@@ -114,6 +114,7 @@ class UNet(nn.Module):
             cfg.use_linear_in_transformer,
             cfg.dropout,
             disable_self_attn=level is not None and cfg.self_attention_disabled(level),
+            position_freqs=cfg.position_embedding_freqs,
         )
 
     def set_gradient_checkpointing(self, enabled: bool) -> None:

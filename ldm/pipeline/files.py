@@ -5,15 +5,13 @@ where the file tells."""
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
 import torch
 
 from ..checkpoint import read_model_config
 from ..config import Config
-from ..convert.formats import FORMATS, detect_input_format, infer_output_format, normalise_prediction_type
-from ..errors import CheckpointError
+from ..convert.formats import FORMATS, detect_input_format, infer_output_format
 from .ldm_pipeline import LDMPipeline
 
 MODEL_KINDS = ("text-to-image", "upscaler")
@@ -27,16 +25,20 @@ def load_model(
     prediction_type: str | None = None,
     use_ema: bool = False,
     trust_pickle: bool = False,
+    vae: str | Path | None = None,
     kind: str | None = None,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | str | None = None,
 ) -> LDMPipeline:
-    """Load an LDMPipeline from any supported format (detected from `path` when `fmt` is None); with
-    `kind` ("text-to-image" or "upscaler"), a model of the other kind is refused (`check_model_kind`)."""
+    """Load an LDMPipeline from any supported format (detected from the file itself when `fmt` is
+    None); the same as `LDMPipeline.load`. With `kind` ("text-to-image" or "upscaler"), a model of
+    the other kind is refused (`check_model_kind`): from the header alone for our model files."""
     fmt = fmt or detect_input_format(path)
     if kind is not None and fmt == "ours" and config is None:
         check_model_kind(read_model_config(path), kind, path)
-    pipe = _load(path, fmt, config=config, prediction_type=prediction_type, use_ema=use_ema, trust_pickle=trust_pickle)
-    if kind is not None:
-        check_model_kind(pipe.config, kind, path)
+    pipe = LDMPipeline.load(path, fmt, config=config, prediction_type=prediction_type, vae=vae, use_ema=use_ema,
+                            trust_pickle=trust_pickle, device=device, dtype=dtype)
+    check_model_kind(pipe.config, kind, path)
     return pipe
 
 
@@ -59,31 +61,6 @@ def check_model_kind(config: Config | None, kind: str | None, name: str | Path) 
             f"as the SD x4 upscaler, or make larger images with hires fix: `python tools/txt2img.py --ckpt {name} "
             "--prompt ... --hires-scale 2`"
         )
-
-
-def _load(path: str | Path, fmt: str, *, config: str | Path | Config | None, prediction_type: str | None,
-          use_ema: bool, trust_pickle: bool) -> LDMPipeline:
-    if fmt == "single":
-        pred = normalise_prediction_type(prediction_type) if prediction_type else None
-        return LDMPipeline.from_single_file(path, prediction_type=pred, config=config, use_ema=use_ema,
-                                            trust_pickle=trust_pickle)
-    if use_ema:
-        raise CheckpointError(f"--ema applies to original single files only; {path} is a {fmt} model")
-    if fmt == "ours":
-        pipe = LDMPipeline.from_checkpoint(path, config=config)
-    elif fmt == "diffusers":
-        if config is not None:
-            raise CheckpointError(f"{path} is a diffusers folder, whose configs describe it; drop --config")
-        pipe = LDMPipeline.from_diffusers(path)
-    else:
-        raise ValueError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
-    return _with_prediction_type(pipe, prediction_type) if prediction_type else pipe
-
-
-def _with_prediction_type(pipe: LDMPipeline, prediction_type: str) -> LDMPipeline:
-    diffusion = dataclasses.replace(pipe.diffusion, prediction_type=normalise_prediction_type(prediction_type))
-    return LDMPipeline(pipe.vae, pipe.unet, pipe.text_encoder, diffusion, defaults=pipe.defaults,
-                       low_res=pipe.model_config.low_res)
 
 
 def save_model(pipe: LDMPipeline, path: str | Path, fmt: str | None = None, *,

@@ -23,26 +23,31 @@ from ..diffusion import Schedule, sigmas_from_schedule
 from ..diffusion.blending import KnownRegionDenoiser
 from ..images import ImageInput, load_image, load_mask
 from ..models.attention import set_attention_backend
+from ..models.lora import LoRAStack
+from ..models.prompt_encoder import encode_prompts
 from ..models.text import TextEncoder
 from ..models.unet import UNet
 from ..models.vae import AutoencoderKL
 from ..options import check_negatives, check_prompts
+from ..png_settings import settings_from_png
 from ..speed import FastUNet, FastVAE, SpeedConfig, optimize_unet, optimize_vae, speed_config
+from .adapters import AdapterMethods
 from .hires import UPSCALER_MODEL, HiresPass
 from .loading import Loading
 from .stages import Generators, Stages, StepCallback
 from .upscale import Upscaling
 
 
-class LDMPipeline(Loading, Stages, Upscaling):
+class LDMPipeline(Loading, Stages, AdapterMethods, Upscaling):
     """A latent text-to-image diffusion model: VAE, U-Net, text encoder and noise schedule.
 
     Build it from components, from a config (random weights), or from a saved model file.
+    LoRAs and textual-inversion embeddings load onto it (`adapters.py`).
     The sampling keywords of `generate`, `img2img`, `inpaint` and `upscale` (steps, cfg, sampler,
-    seed, num_images, spacing, eta, guidance_rescale, and height/width and hires fix for generate)
-    are the fields of `ldm.options.SamplingOptions`; None takes the model's default (`pipe.defaults`).
-    With `low_res` (an upscaler's low-resolution input, `ModelConfig.low_res`) it is a latent
-    upscaler: `upscale` instead of `generate`.
+    seed, num_images, spacing, eta, guidance_rescale, prompt_weighting, and height/width and hires
+    fix for generate) are the fields of `ldm.options.SamplingOptions`; None takes the model's
+    default (`pipe.defaults`). With `low_res` (an upscaler's low-resolution input,
+    `ModelConfig.low_res`) it is a latent upscaler: `upscale` instead of `generate`.
     """
 
     def __init__(
@@ -70,6 +75,8 @@ class LDMPipeline(Loading, Stages, Upscaling):
         # what sampling, encoding and decoding call: the plain networks until `optimize`
         self.speed = SpeedConfig()
         self.fast_unet, self.fast_vae = FastUNet(unet, self.speed), FastVAE(vae, self.speed)
+        self.loras = LoRAStack({"unet": unet, "text_encoder": text_encoder})
+        self.embedding_files: dict[str, str] = {}  # textual-inversion word -> the file it was read from
 
     @property
     def config(self) -> Config:
@@ -93,6 +100,7 @@ class LDMPipeline(Loading, Stages, Upscaling):
         dtype = parse_dtype(dtype) if dtype is not None else None
         for module in self.modules.values():
             module.to(device=device, dtype=dtype)
+        self.loras.to(device, dtype)
         return self
 
     def optimize(self, config: SpeedConfig | None = None, **switches: Any) -> LDMPipeline:
@@ -104,10 +112,15 @@ class LDMPipeline(Loading, Stages, Upscaling):
         unchanged. Call it after `to()` when using cuda_graphs (see `ldm.speed`).
         """
         speed = speed_config(config, **switches)
-        self.fast_unet = optimize_unet(self.unet, speed)
+        with self.loras.detached():  # LoRA hooks move to the rebuilt projections
+            self.fast_unet = optimize_unet(self.unet, speed)
         self.fast_vae = optimize_vae(self.vae, speed)
         self.speed = speed
         return self
+
+    # The sampling options a PNG written by the tools (or by AUTOMATIC1111) records:
+    # `pipe.generate(**LDMPipeline.settings_from_png("image.png").to_dict())` makes it again.
+    settings_from_png = staticmethod(settings_from_png)
 
     def set_attention_backend(self, name: str) -> LDMPipeline:
         """Run the U-Net's and VAE's attention through "sdpa" (default), "xformers" or "math"."""
@@ -135,11 +148,15 @@ class LDMPipeline(Loading, Stages, Upscaling):
         """Generate `num_images` images per prompt.
 
         `options`: steps, cfg, sampler, seed, height, width, num_images, spacing, eta,
-        guidance_rescale, and hires fix's hires_scale, strength, hires_steps, hires_upscaler (see
-        `SamplingOptions` and `hires.py`; `upscaler` is the upscaler model that hires_upscaler names).
-        Image k of the batch (prompt-major order) is seeded with `seed + k`, so it equals a
-        single-image run with that seed. Returns PIL images (with prompt, seed and settings in
-        `image.info`) or, with `output_type="tensor"`, a (B, 3, H, W) tensor in [0, 1].
+        guidance_rescale, prompt_weighting, and hires fix's hires_scale, strength, hires_steps,
+        hires_upscaler (see `SamplingOptions` and `hires.py`; `upscaler` is the upscaler model that
+        hires_upscaler names). Prompts use A1111's syntax (`(word:1.3)`, `[word]`, BREAK; see
+        `ldm.prompts`) unless `prompt_weighting=False`, and may be longer than the text encoder's
+        context (encoded in chunks). Image k of the batch (prompt-major order) is seeded with
+        `seed + k`, so it equals a single-image run with that seed (for prompts of one chunk count:
+        shorter prompts of a batch are padded with empty chunks). Returns PIL images (with prompt,
+        seed and settings in `image.info`) or, with `output_type="tensor"`, a (B, 3, H, W) tensor
+        in [0, 1].
         """
         # 1. check inputs: every mistake is reported before any work is done
         if upscaler is not None and options.get("hires_scale") is not None:
@@ -154,7 +171,7 @@ class LDMPipeline(Loading, Stages, Upscaling):
         generators, seeds = self._generators(opts.seed, generator, len(prompts) * opts.num_images)
 
         # 2. encode prompts: [p0 x num_images, p1 x num_images, ...]
-        cond, uncond = self._encode_conditions(prompts, negatives, opts.num_images)
+        cond, uncond = self._encode_conditions(prompts, negatives, opts)
 
         # 3. initial noise, drawn per image from its own CPU generator so results match across devices
         x = self._initial_noise(generators, opts.height, opts.width) * sigmas[0]
@@ -209,7 +226,7 @@ class LDMPipeline(Loading, Stages, Upscaling):
         generators, seeds = self._generators(opts.seed, generator, len(prompts) * opts.num_images)
 
         # 2. encode prompts
-        cond, uncond = self._encode_conditions(prompts, negatives, opts.num_images)
+        cond, uncond = self._encode_conditions(prompts, negatives, opts)
 
         # 3. encode the image and noise it to the starting sigma
         z0 = self.encode_image(pixels).repeat_interleave(opts.num_images, dim=0)  # (B, C, h, w)
@@ -267,7 +284,7 @@ class LDMPipeline(Loading, Stages, Upscaling):
         generators, seeds = self._generators(opts.seed, generator, len(prompts) * opts.num_images)
 
         # 2. encode prompts
-        cond, uncond = self._encode_conditions(prompts, negatives, opts.num_images)
+        cond, uncond = self._encode_conditions(prompts, negatives, opts)
 
         # 3. latents of the image, the latent mask, the masked image; the starting point
         n = opts.num_images
@@ -305,9 +322,11 @@ class LDMPipeline(Loading, Stages, Upscaling):
     # ------------------------------------------------------------------------------------------
 
     @torch.inference_mode()
-    def encode_prompt(self, prompts: list[str]) -> torch.Tensor:
-        """(B, L, D) text hidden states in the U-Net's dtype."""
-        return self.text_encoder(prompts).to(self.dtype)
+    def encode_prompt(self, prompts: list[str], *, weighting: bool = True) -> torch.Tensor:
+        """(B, L, D) text hidden states in the U-Net's dtype: A1111's prompt syntax unless
+        `weighting=False`, and L a multiple of the context length for long prompts
+        (`ldm.models.prompt_encoder`)."""
+        return encode_prompts(self.text_encoder, prompts, weighting=weighting).to(self.dtype)
 
     @torch.inference_mode()
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:

@@ -7,6 +7,7 @@ prompts, drawing the starting noise, sampling with the guided denoiser, decoding
 from __future__ import annotations
 
 import secrets
+import warnings
 from typing import Any, Callable, Sequence
 
 import torch
@@ -14,8 +15,11 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from ..diffusion import SAMPLERS, CFGDenoiser, Denoiser, randn_like, sigmas_from_schedule
+from ..errors import NonFiniteError
 from ..images import to_pil
+from ..models.prompt_encoder import encode_pair
 from ..options import SamplingOptions
+from .source import ModelSource
 
 MAX_SEED = 2**63 - 1
 OUTPUT_TYPES = ("pil", "tensor")
@@ -36,6 +40,11 @@ Generators = torch.Generator | Sequence[torch.Generator] | None
 
 class Stages:
     """The numbered stages of the generation methods, written once."""
+
+    # Where the networks came from (set by the loaders), named when one of them misbehaves.
+    source: ModelSource | None = None
+    # NaN/Inf from a network stops a call with NonFiniteError; True only warns (for debugging).
+    allow_nan: bool = False
 
     # ------------------------------------------------------------------------------------------
     # 1. Checking a call
@@ -137,12 +146,14 @@ class Stages:
     # ------------------------------------------------------------------------------------------
 
     def _encode_conditions(
-        self, prompts: list[str], negatives: list[str], num_images: int
+        self, prompts: list[str], negatives: list[str], opts: SamplingOptions
     ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-        """cond and uncond keyword arguments for CFGDenoiser, in batch order [p0 x n, p1 x n, ...]."""
-        cond = {"context": self.encode_prompt(prompts).repeat_interleave(num_images, dim=0)}
-        uncond = {"context": self.encode_prompt(negatives).repeat_interleave(num_images, dim=0)}
-        return cond, uncond
+        """cond and uncond keyword arguments for CFGDenoiser, in batch order [p0 x n, p1 x n, ...],
+        padded to the same number of chunks (`ldm.models.prompt_encoder`)."""
+        cond, uncond = encode_pair(self.text_encoder, prompts, negatives, weighting=opts.prompt_weighting)
+        n = opts.num_images
+        return ({"context": cond.to(self.dtype).repeat_interleave(n, dim=0)},
+                {"context": uncond.to(self.dtype).repeat_interleave(n, dim=0)})
 
     def _initial_noise(self, generators: list[torch.Generator], height: int, width: int) -> torch.Tensor:
         """(B, C, h, w) standard normal latents, row k from generator k (on the CPU for generators
@@ -208,8 +219,9 @@ class Stages:
             if callback is not None:
                 callback(i, x_i, denoised)
 
+        self._check_finite(x, "starting latents", "VAE encoder")  # img2img / inpaint start from encoded images
         try:
-            return sample_fn(
+            latents = sample_fn(
                 denoiser,
                 x,
                 sigmas,
@@ -220,11 +232,37 @@ class Stages:
             )
         finally:
             bar.close()
+        self._check_finite(latents, "sampled latents", "U-Net")
+        return latents
 
     def _decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Decode (one image at a time unless vae_slicing is off: decoding is the memory peak at large
         sizes); float32 on the CPU."""
-        return self.decode_latents(latents).float().cpu()
+        images = self.decode_latents(latents).float().cpu()
+        self._check_finite(images, "decoded pixels", "VAE decoder")
+        return images
+
+    def _check_finite(self, x: torch.Tensor, what: str, network: str) -> None:
+        """One reduction over `x`: NaN/Inf stops the call with an error naming the network and its file
+        (a warning with `allow_nan`), instead of an image that silently comes out black."""
+        # NaN and Inf survive a sum, which is ~20x cheaper than isfinite(x).all() on the CPU (a 512 px
+        # picture: 1.6 ms instead of 32); only a failed sum looks at every element.
+        if bool(torch.isfinite(x.sum(dtype=torch.float32))):
+            return
+        finite = torch.isfinite(x)
+        if bool(finite.all()):  # finite values whose sum overflowed
+            return
+        share = 1 - finite.float().mean().item()
+        # a swapped-in VAE (`load_vae`) is named by its own file
+        where = self.source and ((network.startswith("VAE") and self.source.vae) or self.source.path
+                                 or self.source.config)
+        source = f" of {where}" if where else ""
+        message = (f"the {network}{source} produced NaN/Inf ({share:.0%} of the {what}): its weights may hold "
+                   f"NaN/Inf, or {str(self.dtype).removeprefix('torch.')} overflowed (try fp32 or bf16)")
+        if self.allow_nan:
+            warnings.warn(message + "; going on because allow_nan is set", stacklevel=3)
+            return
+        raise NonFiniteError(message + "; allow_nan=True (--allow-nan) returns the images anyway, for debugging")
 
     @staticmethod
     def _output(

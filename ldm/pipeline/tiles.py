@@ -15,7 +15,9 @@ from typing import Any, Callable
 
 import torch
 
-from ..memory import decoder_activation_bytes, format_bytes, free_memory, unet_activation_bytes
+from ..atomic import format_bytes
+from ..devices import available_memory
+from ..memory import decoder_activation_bytes, unet_activation_bytes
 from ..models.attention import AttentionLayer
 from ..speed import tiled_apply
 
@@ -100,7 +102,7 @@ def plan_tiles(pipe, batch: int, height: int, width: int, tile_size: int | str |
     check_tiles(tile_size, tile_overlap)
     if isinstance(tile_size, int):
         return tile_size, _overlap(tile_size, tile_overlap)
-    free = free_memory(pipe.device)
+    free = available_memory(pipe.device)
 
     def fits(tile: int | None) -> bool:
         return free is None or estimate_upscale_memory(pipe, batch, height, width, tile) <= MEMORY_HEADROOM * free

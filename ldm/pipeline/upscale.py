@@ -42,8 +42,8 @@ class Upscaling:
         """Upscale `image` (PIL image, path, list of those, or a (B, 3, h, w) tensor in [0, 1]) by the
         upscaler's factor, guided by `prompt` ("" works: upscalers are trained with empty captions too).
 
-        `options`: noise_level, steps, cfg, sampler, seed, num_images, spacing, eta, guidance_rescale
-        (see `SamplingOptions`). `noise_level` (0..low_res.max_noise_level; default low_res.noise_level,
+        `options`: noise_level, steps, cfg, sampler, seed, num_images, spacing, eta, guidance_rescale,
+        prompt_weighting (see `SamplingOptions`). `noise_level` (0..low_res.max_noise_level; default low_res.noise_level,
         20 for SD) is how much the input is noised before the model sees it: more makes the model trust
         it less and invent more. Image k of the batch is seeded with `seed + k`, which first draws the
         input's augmentation noise, then the initial latents. `tile_size` (low-resolution pixels, or
@@ -70,7 +70,7 @@ class Upscaling:
         generators, seeds = self._generators(opts.seed, generator, n)
 
         # 2. encode prompts
-        cond, uncond = self._encode_conditions(prompts, negatives, opts.num_images)
+        cond, uncond = self._encode_conditions(prompts, negatives, opts)
 
         # 3. the low-resolution image noised to its level (noise drawn before the latents', per image)
         lowres = (2 * pixels - 1).repeat_interleave(opts.num_images, dim=0)  # (B, 3, h, w) in [-1, 1]
@@ -86,6 +86,10 @@ class Upscaling:
         latents = self._sample(opts, x, sigmas, cond, uncond, generators, progress, callback, wrap=wrap)
 
         # 5. decode, in the same tiles
-        images = decode_tiled(self, latents, tile, overlap) if tile else self._decode(latents)
+        if tile:
+            images = decode_tiled(self, latents, tile, overlap)
+            self._check_finite(images, "decoded pixels", "VAE decoder")
+        else:
+            images = self._decode(latents)
         extra = {"upscale": f, **({"tile_size": tile, "tile_overlap": overlap} if tile else {})}
         return self._output(images, output_type, opts, prompts, negatives, seeds, extra)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -79,15 +79,39 @@ def find_latest_state(output_dir: str | Path) -> Path | None:
     return states[-1] if states else None
 
 
-def load_training_state(path: str | Path) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, Any], dict[str, Any]]:
-    """(weights by name, trainer objects, meta) of a state directory."""
+def read_state_json(path: str | Path, name: str) -> Any:
+    """The JSON file `name` of a state directory (meta.json, config.json), or None when it is
+    missing or not readable JSON."""
+    try:
+        return json.loads((Path(path) / name).read_text())
+    except (OSError, ValueError, RecursionError):
+        return None
+
+
+def load_training_state(
+    path: str | Path, parts: Sequence[str] = (), objects: Sequence[str] = ()
+) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, Any], dict[str, Any]]:
+    """(weights by name, trainer objects, meta) of a state directory; `parts` are the weight files
+    and `objects` the trainer entries it must hold (an error names what is missing)."""
     path = Path(path)
     if not (path / META).is_file():
         raise CheckpointError(f"{path} is not a complete training state (no {META}); pick another or start afresh")
+    missing = [f"{part}.safetensors" for part in parts if not (path / f"{part}.safetensors").is_file()]
+    if not (path / "trainer.pt").is_file():
+        missing.append("trainer.pt")
+    if missing:
+        raise CheckpointError(f"training state {path} lacks {', '.join(missing)}: it is damaged or of another "
+                              "trainer; move it away to resume from an older state, or start a new run")
     try:
         weights = {f.stem: load_file(str(f)) for f in sorted(path.glob("*.safetensors"))}
         trainer = torch.load(path / "trainer.pt", map_location="cpu", weights_only=True)
         meta = json.loads((path / META).read_text())
     except Exception as e:  # any unreadable piece means the state cannot be resumed exactly
-        raise CheckpointError(f"training state {path} cannot be read ({e}); delete it to resume from an older one") from None
+        raise CheckpointError(f"training state {path} cannot be read ({e}); move it away to resume from an older "
+                              "one") from None
+    absent = [name for name in objects if not isinstance(trainer, dict) or name not in trainer]
+    if absent or not isinstance(meta, dict) or "step" not in meta:
+        what = f"the trainer entries {', '.join(absent)}" if absent else f"a step in {META}"
+        raise CheckpointError(f"training state {path} lacks {what}: it is damaged or of another trainer; move it "
+                              "away to resume from an older state, or start a new run")
     return weights, trainer, meta

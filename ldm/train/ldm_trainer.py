@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from ..atomic import write_text_atomic
 from ..checkpoint import load_state_strict, load_vae_file, read_model_file
 from ..config import Config
 from ..data.batches import heldout_items
@@ -22,6 +23,7 @@ from ..eval.heldout import heldout_loss
 from ..images import make_grid
 from ..models import build_models
 from ..pipeline import LDMPipeline
+from .checkpoint import read_state_json
 from .ema import EMA
 from .loop import Trainer, caption_keep_mask, make_lr_scheduler, make_optimizer, step_generator
 
@@ -37,9 +39,12 @@ class LDMTrainer(Trainer):
     """Owns one stage-2 run: models, optimizer, EMA, data position, and the output directory."""
 
     NAME = "ldm"
+    STATE_PARTS = ("unet", "text_encoder")
+    STATE_OBJECTS = ("optimizer", "scheduler", "ema")
 
-    def __init__(self, cfg: Config, *, resume: bool = False):
-        super().__init__(cfg, resume=resume)
+    def __init__(self, cfg: Config, *, resume: bool = False, overwrite: bool = False,
+                 resume_with_changes: bool = False):
+        super().__init__(cfg, resume=resume, overwrite=overwrite, resume_with_changes=resume_with_changes)
         t, acc = cfg.train, self.accelerator
 
         # The VAE is fixed in stage 2 and defines the latent space (and its scaling factor).
@@ -192,10 +197,9 @@ class LDMTrainer(Trainer):
         if not acc.is_main_process:
             return
         path = self.out / "metrics.json"
-        metrics = json.loads(path.read_text()) if path.is_file() else {}
+        metrics = read_state_json(self.out, path.name) or {}
         metrics.update(values, heldout_size=len(self.heldout()))
-        self.out.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(metrics, indent=2) + "\n")
+        write_text_atomic(path, json.dumps(metrics, indent=2) + "\n")
         when = {"heldout_loss_start": "before the first step", "heldout_loss": f"at step {self.step}"}
         for name, value in values.items():
             if name in when:
@@ -236,7 +240,7 @@ class LDMTrainer(Trainer):
         acc = self.accelerator
         path = self.out / "model.safetensors"
         if acc.is_main_process:
-            self.inference_pipeline().save(path)
+            self.write_export(f"the model file {path.name}", lambda: self.inference_pipeline().save(path))
             acc.print(f"exported {path}")
             self._write_metrics(heldout_loss=self.heldout_loss(), steps=self.step)
         acc.wait_for_everyone()

@@ -25,9 +25,12 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..atomic import check_free_space, disk_error, format_bytes
 from ..config import Config, TrainConfig, to_dict
 from ..data.batches import Batches, check_data, describe, training_batches
-from .checkpoint import find_latest_state, load_training_state, save_training_state
+from ..errors import NonFiniteError
+from .checkpoint import list_states, load_training_state, save_training_state
+from .folder import RunFolder
 
 
 def cpu_has_native_bf16() -> bool:
@@ -168,6 +171,17 @@ class Throughput:
         return (n1 - n0) / (t1 - t0) if t1 > t0 else 0.0
 
 
+def tensor_bytes(obj: Any) -> int:
+    """Bytes of every tensor in a nest of dicts, lists and tuples (a state dict, an optimizer state)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(tensor_bytes(v) for v in obj)
+    return 0
+
+
 class BadLossGuard:
     """Counts non-finite losses: the step is skipped; too many in a row stops training clearly."""
 
@@ -184,7 +198,7 @@ class BadLossGuard:
         self.consecutive += 1
         self.total += 1
         if self.consecutive >= self.limit:
-            raise FloatingPointError(
+            raise NonFiniteError(
                 f"loss was NaN/Inf for {self.consecutive} steps in a row (last at step {step}); "
                 "lower train.lr, raise train.warmup_steps, use bf16 instead of fp16, or check the data"
             )
@@ -194,9 +208,15 @@ class BadLossGuard:
 class Trainer(ABC):
     """One stage's run: the output directory, the accelerator, resume, the data stream and the loop.
 
+    The output directory is taken as `ldm.train.folder` says (a lock; a folder holding another
+    run is refused unless `overwrite` moves it aside; `resume` continues the newest state and refuses
+    one whose config differs in anything that changes the result, unless `resume_with_changes`).
+
     A subclass builds its models and optimizers in `__init__` (after `super().__init__`, between
     `resume_state()` and `accelerator.prepare`), and provides:
       NAME, EXPORT_NAME           tracker and progress-bar name, export file name;
+      STATE_PARTS, STATE_OBJECTS  the weight files and trainer entries its states hold;
+      OPTIMIZERS                  the attribute names of its optimizers (for the disk-space estimate);
       train_step(step, data)      one optimizer step (see `accumulate`) -> (logs, bar postfix);
       state_parts()               (weights by name, trainer objects) for the training state;
       sample_grid(), export()     periodic samples, and the final model file.
@@ -204,9 +224,16 @@ class Trainer(ABC):
 
     NAME = "model"
     EXPORT_NAME = "model.safetensors"
+    STATE_PARTS: tuple[str, ...] = ()
+    STATE_OBJECTS: tuple[str, ...] = ("optimizer", "scheduler")
+    OPTIMIZERS: tuple[str, ...] = ("optimizer",)
 
-    def __init__(self, cfg: Config, *, resume: bool = False, images: bool = False):
-        """`images`: the stage trains on pixels, so cached latents are not data for it."""
+    def __init__(self, cfg: Config, *, resume: bool = False, images: bool = False, overwrite: bool = False,
+                 resume_with_changes: bool = False):
+        """`images`: the stage trains on pixels, so cached latents are not data for it. `resume`:
+        continue the run in train.output_dir (an error when it has no state); `overwrite`: start a new
+        run even where another one is, moving that one aside; `resume_with_changes`: resume a state
+        whose config differs in result-changing settings (the differences are printed)."""
         check_data(cfg.data, images=images)  # bad data fails before anything is built
         self.cfg = cfg
         t = cfg.train
@@ -216,17 +243,26 @@ class Trainer(ABC):
         self.bad = BadLossGuard(t.max_bad_steps)
         self.data: Batches | None = None
         self._position: dict | None = None  # the data position of the state resumed from
-        self._state = find_latest_state(self.out) if resume else None
-        if resume and self._state is None:
-            self.accelerator.print(f"--resume: no training state in {self.out}; starting from step 0")
-        self.accelerator.print(f"{self.NAME}: reads {describe(cfg.data)}")  # the first thing to check in a log
+        acc = self.accelerator
+        self.folder = RunFolder(self.out, self.NAME, self.EXPORT_NAME, main=acc.is_main_process, log=acc.print)
+        self.folder.open(resume=resume, overwrite=overwrite)  # rank 0 takes the folder; the others wait
+        acc.wait_for_everyone()
+        self._state = self.folder.state() if resume else None
+        self._resume_with_changes = resume_with_changes
+        acc.print(f"{self.NAME}: reads {describe(cfg.data)}")  # the first thing to check in a log
 
     def resume_state(self) -> tuple[dict, dict] | None:
         """(weights, trainer objects) of the state to resume from, or None for a fresh run; sets
-        the step, the bad-step count and the data position."""
+        the step, the bad-step count and the data position. A subclass calls it once its config is
+        final (stage 2 takes the VAE's from the VAE file), so the comparison with the state's sees it."""
         if self._state is None:
             return None
-        weights, trainer, meta = load_training_state(self._state)
+        try:
+            self.folder.check_resume(self._state, self.cfg, allow_changes=self._resume_with_changes)
+            weights, trainer, meta = load_training_state(self._state, self.STATE_PARTS, self.STATE_OBJECTS)
+        except BaseException:
+            self.folder.release()
+            raise
         self.step = meta["step"]
         self.bad.total = meta.get("bad_steps", 0)
         self._position = meta.get("data_position")
@@ -272,10 +308,19 @@ class Trainer(ABC):
 
     def train(self, until: int | None = None) -> Path:
         """Run to `train.steps` and export (the export's path is returned). With `until`, stop after
-        that step with a saved state, as an interrupt would (a later run resumes from it)."""
+        that step with a saved state, as an interrupt would (a later run resumes from it). The
+        output folder is given up at the end, however the run ends."""
+        self.folder.hold()
+        try:
+            return self._train(until)
+        finally:
+            self.folder.release()
+
+    def _train(self, until: int | None) -> Path:
         cfg, acc = self.cfg, self.accelerator
         t = cfg.train
         if acc.is_main_process:
+            self.check_disk_space()
             acc.init_trackers(self.NAME, config={"config": json.dumps(to_dict(cfg))})
         if self.data is None:
             self.data = self.batches()
@@ -324,8 +369,39 @@ class Trainer(ABC):
     def export(self) -> Path:
         """Write the final model file and return its path."""
 
+    def state_bytes(self) -> int:
+        """About how many bytes one training state takes on disk: its tensors, plus the two Adam
+        moments of every parameter whose optimizer has not stepped yet."""
+        weights, trainer = self.state_parts()
+        moments = 0
+        for name in self.OPTIMIZERS:
+            optimizer = getattr(self, name)
+            moments += sum(2 * p.numel() * 4 for group in optimizer.param_groups for p in group["params"]
+                           if p not in optimizer.state)
+        return tensor_bytes(weights) + tensor_bytes(trainer) + moments
+
+    def export_bytes(self) -> int:
+        """About how many bytes the exported model file takes (the trained weights)."""
+        return tensor_bytes(self.state_parts()[0])
+
+    def check_disk_space(self) -> None:
+        """Before the first step: room for the states still to come (`keep_states`, plus the one
+        being written before the oldest is removed) and the export."""
+        t = self.cfg.train
+        states, size = max(0, t.keep_states + 1 - len(list_states(self.out))), self.state_bytes()
+        check_free_space(self.out, states * size + self.export_bytes(),
+                         f"this run ({states} training states of {format_bytes(size)} with train.keep_states="
+                         f"{t.keep_states}, and the export)")
+
+    def _resume_advice(self) -> str:
+        states = list_states(self.out)
+        kept = f"{states[-1].name} is intact" if states else "no state was written yet"
+        return f"{kept}; free space (or lower train.keep_states), then run the same command with --resume"
+
     def save_state(self) -> None:
-        """Write the training state of the current step (rank 0), with the data position."""
+        """Write the training state of the current step (rank 0), with the data position. A disk
+        that cannot take it stops the run with an error that says why, before anything is written
+        when the free space is known to be short; the previous state stays intact either way."""
         acc = self.accelerator
         acc.wait_for_everyone()
         if not acc.is_main_process:
@@ -335,10 +411,24 @@ class Trainer(ABC):
             position = self.data.position(self.step)
         else:  # saved before reading any data: the resumed position still holds
             position = {**(self._position or {"source": self.cfg.data.source}), "step": self.step}
-        meta = {"data_position": position, "bad_steps": self.bad.total}
-        save_training_state(
-            self.out, self.step, weights, trainer, meta, json.dumps(to_dict(self.cfg), indent=2), self.cfg.train.keep_states
-        )
+        meta = {"data_position": position, "bad_steps": self.bad.total, "trainer": self.NAME}
+        what = f"the training state of step {self.step}"
+        try:
+            check_free_space(self.out, self.state_bytes(), what)
+            save_training_state(self.out, self.step, weights, trainer, meta, json.dumps(to_dict(self.cfg), indent=2),
+                                self.cfg.train.keep_states)
+        except OSError as e:
+            raise disk_error(e, what, self.out, self._resume_advice()) from e
+
+    def write_export(self, what: str, write: Callable[[], Any]) -> None:
+        """Run `write()` (which writes the export) with the free space checked first and a disk
+        error turned into one that says why."""
+        try:
+            check_free_space(self.out, self.export_bytes(), what)
+            write()
+        except OSError as e:
+            raise disk_error(e, what, self.out, "the training states are intact; free space, then run the same "
+                             "command with --resume to export") from e
 
     def finish(self, bar) -> Path:
         """Save the final state; export when the run reached train.steps (else say how to resume)."""

@@ -33,7 +33,8 @@ class UpscalerTrainer(LDMTrainer):
 
     NAME = "upscaler"
 
-    def __init__(self, cfg: Config, *, resume: bool = False):
+    def __init__(self, cfg: Config, *, resume: bool = False, overwrite: bool = False,
+                 resume_with_changes: bool = False):
         if cfg.model.low_res is None:
             raise ValueError("UpscalerTrainer trains upscalers: the config needs a model.low_res section "
                              "(see configs/sr_tiny.yaml); text-to-image models train with LDMTrainer")
@@ -41,7 +42,7 @@ class UpscalerTrainer(LDMTrainer):
             raise ValueError("an upscaler trains on images, since its low-resolution inputs are made from their pixels: "
                              "cached latents (data.source=latents) cannot train it; use data.source=shapes, folder "
                              "or shards")
-        super().__init__(cfg, resume=resume)
+        super().__init__(cfg, resume=resume, overwrite=overwrite, resume_with_changes=resume_with_changes)
         self.low_res_schedule = low_res_schedule(cfg.model.low_res)
 
     def loss(self, batch: dict, step: int, micro: int) -> torch.Tensor:

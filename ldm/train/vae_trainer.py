@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..atomic import write_text_atomic
 from ..checkpoint import load_state_strict, save_model_file
 from ..config import Config, DataConfig
 from ..data.batches import heldout_items
@@ -110,9 +111,14 @@ class VAETrainer(Trainer):
 
     NAME = "vae"
     EXPORT_NAME = "vae.safetensors"
+    STATE_PARTS = ("vae", "disc")
+    STATE_OBJECTS = ("optimizer", "disc_optimizer", "scheduler", "ema")
+    OPTIMIZERS = ("optimizer", "disc_optimizer")
 
-    def __init__(self, cfg: Config, *, resume: bool = False):
-        super().__init__(cfg, resume=resume, images=True)
+    def __init__(self, cfg: Config, *, resume: bool = False, overwrite: bool = False,
+                 resume_with_changes: bool = False):
+        super().__init__(cfg, resume=resume, images=True, overwrite=overwrite,
+                         resume_with_changes=resume_with_changes)
         t, lc, acc = cfg.train, cfg.vae_loss, self.accelerator
 
         with torch.random.fork_rng(devices=[]):
@@ -270,9 +276,9 @@ class VAETrainer(Trainer):
             cfg = copy.deepcopy(self.cfg)
             cfg.model.vae.scaling_factor = factor
             vae.cfg = cfg.model.vae
-            save_model_file(path, {"vae": vae}, cfg)
+            self.write_export(f"the VAE file {path.name}", lambda: save_model_file(path, {"vae": vae}, cfg))
             metrics = {"psnr": value, "scaling_factor": factor, "steps": self.step, "heldout_size": len(images)}
-            (self.out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+            write_text_atomic(self.out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
             acc.log({"heldout_psnr": value, "scaling_factor": factor}, step=self.step)
             acc.print(f"held-out PSNR {value:.2f} dB on {len(images)} images; latent scaling_factor {factor:.5f}")
             acc.print(f"exported {path}")

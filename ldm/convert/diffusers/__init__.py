@@ -31,6 +31,7 @@ from .folder import (
 )
 from .keys import (
     KeyRule,
+    current_vae_names,
     exported_text_layers,
     from_diffusers_state,
     text_rules,
@@ -46,6 +47,7 @@ __all__ = [
     "LDM_CONFIG_KEY",
     "WEIGHT_STEMS",
     "KeyRule",
+    "current_vae_names",
     "diffusers_configs",
     "exported_text_layers",
     "from_diffusers_state",

@@ -46,7 +46,15 @@ from .configs import (
     vae_config_from_diffusers,
     version_of,
 )
-from .keys import Tensors, from_diffusers_state, text_rules, to_diffusers_state, unet_rules, vae_rules
+from .keys import (
+    Tensors,
+    current_vae_names,
+    from_diffusers_state,
+    text_rules,
+    to_diffusers_state,
+    unet_rules,
+    vae_rules,
+)
 
 EXTRA_FILE = "ldm_extra.safetensors"  # in text_encoder/: tensors a CLIPTextModel has no place for
 LDM_CONFIG_KEY = "_ldm_config"  # in model_index.json
@@ -139,6 +147,8 @@ def _read_json(path: Path) -> dict:
         return json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{path} is not valid JSON: {e}") from None
+    except RecursionError:
+        raise CheckpointError(f"{path} is nested too deeply to be a config; the file is damaged") from None
 
 
 def _text_kind(folder: Path, stored: Config | None, extra: Mapping[str, torch.Tensor], text_cfg: Mapping) -> str:
@@ -237,6 +247,8 @@ def read_diffusers(folder: str | Path) -> ModelState:
         state = read_component_weights(folder / name, WEIGHT_STEMS[name])
         if name == "text_encoder":
             state = _normalise_text_names(state, folder)
+        elif name == "vae":
+            state, _ = current_vae_names(state)
         parts[name] = from_diffusers_state(state, rules, f"{folder / name}")
         if name == "text_encoder":
             parts[name].update(_read_extra(folder, m.text_encoder, extra_keys))
@@ -310,7 +322,10 @@ def _model_index(config: Config) -> dict:
 
 def write_diffusers(state: ModelState, folder: str | Path) -> Path:
     """Write a diffusers folder (model_index.json, configs, safetensors weights, tokenizer), built
-    under a temporary name beside `folder` and renamed into place at the end."""
+    under a temporary name beside `folder` and renamed into place at the end. Into an existing
+    diffusers folder, only the model's own entries (unet/, vae/, text_encoder/, scheduler/,
+    tokenizer/, model_index.json) are replaced; everything else in it (a README, other components,
+    .git) is kept."""
     folder = Path(folder)
     replaceable = folder.is_dir() and (not any(folder.iterdir()) or (folder / "model_index.json").exists())
     if folder.exists() and not replaceable:
@@ -323,7 +338,7 @@ def write_diffusers(state: ModelState, folder: str | Path) -> Path:
     text_rule_list, extra_keys = text_rules(m.text_encoder)
     components = {"unet": unet_rules(m.unet), "vae": vae_rules(m.vae), "text_encoder": text_rule_list}
 
-    with atomic_dir(folder) as tmp:
+    with atomic_dir(folder, keep_others=True) as tmp:
         for name, rules in components.items():
             sub = tmp / name
             sub.mkdir(parents=True)

@@ -149,6 +149,25 @@ def vae_module_map(cfg: VAEConfig) -> dict[str, str]:
     return m
 
 
+# diffusers before 0.14 named the VAE attention's projections differently (its loader still renames them)
+_OLD_VAE_ATTN = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
+_OLD_VAE_ATTN_KEY = re.compile(r"^(.*\.mid_block\.attentions\.\d+\.)(query|key|value|proj_attn)(\.(?:weight|bias))$")
+
+
+def current_vae_names(state: Mapping[str, torch.Tensor]) -> tuple[Tensors, int]:
+    """A diffusers VAE state dict with the attention names of diffusers < 0.14 (`query`, `key`,
+    `value`, `proj_attn`, as in many published `vae/` folders) renamed to today's, and how many."""
+    out: Tensors = {}
+    renamed = 0
+    for key, value in state.items():
+        old = _OLD_VAE_ATTN_KEY.match(key)
+        if old:
+            key = f"{old.group(1)}{_OLD_VAE_ATTN[old.group(2)]}{old.group(3)}"
+            renamed += 1
+        out[key] = value
+    return out, renamed
+
+
 def vae_rules(cfg: VAEConfig) -> list[KeyRule]:
     modules = vae_module_map(cfg)
     rules = []

@@ -16,8 +16,8 @@ Out: `write_single_file(state, path)` (`write`) adds the schedule buffers the or
 """
 
 from .detect import detect_config
-from .load import ema_key, read_single_file
-from .reader import PICKLE_SUFFIXES, read_checkpoint
+from .load import ema_key, read_single_file, read_single_file_config
+from .reader import PICKLE_SUFFIXES, read_checkpoint, read_weights_file
 from .write import schedule_buffers, single_file_tensors, write_single_file
 
 __all__ = [
@@ -26,6 +26,8 @@ __all__ = [
     "ema_key",
     "read_checkpoint",
     "read_single_file",
+    "read_single_file_config",
+    "read_weights_file",
     "schedule_buffers",
     "single_file_tensors",
     "write_single_file",

@@ -55,7 +55,8 @@ def _not_sd_hint(keys: list[str]) -> str:
             "(first_stage_model.*) and text encoder (cond_stage_model.*)"
         )
     if any(k.startswith(("encoder.down.", "decoder.up.")) for k in ks):
-        return "; this looks like a standalone VAE, not a whole Stable Diffusion checkpoint"
+        return ("; this looks like a standalone VAE, not a whole Stable Diffusion checkpoint: give it beside "
+                "a model (--vae FILE; LDMPipeline.load(model, vae=FILE))")
     if any(k.startswith(("text_model.", "transformer.resblocks.")) for k in ks):
         return "; this looks like a standalone text encoder, not a whole Stable Diffusion checkpoint"
     return ""
@@ -146,8 +147,9 @@ def _detect_unet(sd: Mapping[str, Tensor], family: str) -> UNetConfig:
     )
 
 
-def _detect_vae(sd: Mapping[str, Tensor]) -> VAEConfig:
-    p = PREFIXES["vae"]
+def detect_vae_config(sd: Mapping[str, Tensor], prefix: str = PREFIXES["vae"]) -> VAEConfig:
+    """The VAE of an original-layout state dict, its keys under `prefix` ("" for a standalone VAE file)."""
+    p = prefix
     keys = [k for k in sd if k.startswith(p)]
     conv_in = _need(sd, p + "encoder.conv_in.weight", "VAE")
     ch, in_ch = conv_in.shape[0], conv_in.shape[1]
@@ -251,7 +253,7 @@ def detect_config(
         hint = (
             "; its conditioner.embedders.* look like SDXL, which this library does not load"
             if sdxl
-            else ". Pass the architecture explicitly with config=..."
+            else ". Pass the architecture explicitly with config=... (the tools: --config beside --ckpt)"
         )
         raise CheckpointError(
             f"cannot tell the text encoder: no {text_p}transformer.* (SD 1.x, CLIP ViT-L) or "
@@ -261,7 +263,7 @@ def detect_config(
     assumed = prediction_type is None
     cfg = ModelConfig(
         unet=_detect_unet(state_dict, family),
-        vae=_detect_vae(state_dict),
+        vae=detect_vae_config(state_dict),
         text_encoder=_detect_text(state_dict, family),
         diffusion=DiffusionConfig(prediction_type=prediction_type or "eps"),
     )
@@ -272,7 +274,7 @@ def detect_config(
     except ConfigError as e:
         raise CheckpointError(
             f"the detected architecture is not valid ({e}); it may be a model that does not follow the "
-            "SD 1.x / 2.x conventions: pass its config explicitly with config=..."
+            "SD 1.x / 2.x conventions: pass its config explicitly with config=... (the tools: --config beside --ckpt)"
         ) from None
     return cfg, _report(cfg, family, assumed)
 

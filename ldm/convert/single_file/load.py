@@ -20,6 +20,7 @@ from ...diffusion.schedule import Schedule
 from ...errors import CheckpointError
 from . import upscaler
 from .detect import check_prediction_type, detect_config
+from .layouts import standard_layout
 from .reader import read_checkpoint
 
 log = logging.getLogger(__name__)
@@ -112,8 +113,8 @@ def _check_schedule(found: Mapping[str, Tensor], cfg: DiffusionConfig, path: Pat
         )
         if theirs.shape != ours.shape:
             raise CheckpointError(
-                f"{path}: its {name} has {theirs.numel()} steps but the schedule built for it "
-                f"({ours_desc}) has {ours.numel()}; pass config=... with the right diffusion section"
+                f"{path}: its {name} has {theirs.numel()} steps but the schedule built for it ({ours_desc}) has "
+                f"{ours.numel()}; pass config=... (the tools: --config) with the right diffusion section"
             )
         tol = 8 * torch.finfo(found[name].dtype).eps if found[name].is_floating_point() else 1e-6
         err = ((theirs - ours).abs() / ours.abs().clamp(min=1e-12)).max().item()
@@ -122,7 +123,7 @@ def _check_schedule(found: Mapping[str, Tensor], cfg: DiffusionConfig, path: Pat
                 f"{path}: the file's {name} (first {theirs[0].item():.6g}, last {theirs[-1].item():.6g}) "
                 f"does not match the schedule built for it ({ours_desc}: first {ours[0].item():.6g}, "
                 f"last {ours[-1].item():.6g}); max relative difference {err:.3g}. The model was trained "
-                "with another noise schedule: pass config=... with the right diffusion section"
+                "with another noise schedule: pass config=... (the tools: --config) with the right diffusion section"
             )
         checked.append(name)
     return f"file's {' and '.join(checked)} match the schedule" if checked else None
@@ -146,6 +147,29 @@ def _check_low_scale(buffers: Mapping[str, Tensor], cfg: ModelConfig, path: Path
     return f"  low-resolution input: {checked or 'schedule buffers present'} ({len(buffers)} buffers, not loaded)"
 
 
+def read_single_file_config(path: str | Path, *, prediction_type: str | None = None,
+                            config: str | Path | Config | None = None, trust_pickle: bool = False) -> Config:
+    """The config `read_single_file` would give the file at `path`, from its tensors' names and shapes
+    alone: the tensors are memory-mapped, not read (except from an old non-zip pickle)."""
+    state, _ = standard_layout(read_checkpoint(path, trust_pickle=trust_pickle))
+    return _config_of(state, config, prediction_type)[0]
+
+
+def _config_of(state: Mapping[str, Tensor], config: str | Path | Config | None,
+               prediction_type: str | None) -> tuple[Config, str]:
+    """The given config (with `prediction_type` set) or the detected one (512 px, or 768 for v
+    models but the x4 upscaler, as the published ones), and a report line."""
+    if config is not None:
+        cfg = copy.deepcopy(config) if isinstance(config, Config) else load_config(config)
+        if prediction_type is not None:
+            check_prediction_type(prediction_type)
+            cfg.model.diffusion.prediction_type = prediction_type
+        return cfg, f"config: given ({config if not isinstance(config, Config) else 'Config object'}), not detected"
+    model_cfg, report = detect_config(state, prediction_type=prediction_type)
+    size = 768 if model_cfg.diffusion.prediction_type == "v" and model_cfg.low_res is None else 512
+    return Config(model=model_cfg, sample=SampleConfig(height=size, width=size)), report
+
+
 def read_single_file(
     path: str | Path,
     *,
@@ -162,23 +186,14 @@ def read_single_file(
     schedules we build; EMA copies of the U-Net
     (`model_ema.*`) replace its weights with `use_ema=True` and are otherwise left unread; the HF
     CLIP `position_ids` and training-only VAE loss weights (`first_stage_model.loss.*`) are dropped;
-    anything else is an error naming it. `config` (a Config or YAML path) replaces detection. The
-    returned state's `report` says what was detected and done (`LDMPipeline.from_single_file`
-    logs it and keeps it as `pipe.load_report`).
+    anything else is an error naming it. Older key layouts are renamed first (`layouts`). `config`
+    (a Config or YAML path) replaces detection. The returned state's `report` says what was
+    detected and done (`LDMPipeline.from_single_file` logs it and keeps it as `pipe.load_report`).
     """
     path = Path(path)
-    state = read_checkpoint(path, trust_pickle=trust_pickle)
-    if config is not None:
-        cfg = copy.deepcopy(config) if isinstance(config, Config) else load_config(config)
-        if prediction_type is not None:
-            check_prediction_type(prediction_type)
-            cfg.model.diffusion.prediction_type = prediction_type
-        report = f"config: given ({config if not isinstance(config, Config) else 'Config object'}), not detected"
-    else:
-        model_cfg, report = detect_config(state, prediction_type=prediction_type)
-        size = 768 if model_cfg.diffusion.prediction_type == "v" and model_cfg.low_res is None else 512
-        cfg = Config(model=model_cfg, sample=SampleConfig(height=size, width=size))
-    lines = [f"{path.name}: {len(state)} tensors", report]
+    state, layout_notes = standard_layout(read_checkpoint(path, trust_pickle=trust_pickle))
+    cfg, report = _config_of(state, config, prediction_type)
+    lines = [f"{path.name}: {len(state)} tensors", report, *layout_notes]
     state, low_scale = upscaler.split_low_scale(state)
 
     s = _sort_tensors(state)

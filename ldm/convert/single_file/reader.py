@@ -18,6 +18,7 @@ from typing import Mapping
 import torch
 from torch import Tensor
 
+from ...checkpoint import file_kind
 from ...errors import CheckpointError
 
 log = logging.getLogger(__name__)
@@ -42,16 +43,16 @@ def read_checkpoint(path: str | Path, *, trust_pickle: bool = False) -> dict[str
             f"{path} is a directory; pass a single .safetensors or .ckpt file "
             "(a diffusers folder loads with LDMPipeline.from_diffusers)"
         )
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        head = f.read(16)
-    kind = _sniff(head, size)
+    kind = file_kind(path)
     if kind == "safetensors":
         tensors = _read_safetensors(path)
     elif kind in ("zip", "pickle"):
         obj = _read_pickle(path, legacy=kind == "pickle", trust=trust_pickle)
         tensors = _unwrap_state_dict(obj, path)
     else:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
         raise CheckpointError(
             f"{path} is not a checkpoint: {size} bytes starting with {head[:8]!r} match neither a "
             ".safetensors header nor a PyTorch pickle (zip or legacy); it may be truncated, "
@@ -60,6 +61,31 @@ def read_checkpoint(path: str | Path, *, trust_pickle: bool = False) -> dict[str
     if not tensors:
         raise CheckpointError(f"{path} holds no tensors")
     return tensors
+
+
+def read_weights_file(path: str | Path, *, what: str, trust_pickle: bool = False,
+                      fix: str = "") -> tuple[object, dict[str, str]]:
+    """(content, metadata) of a small weights file (a LoRA, an embedding): a `.safetensors` file's
+    tensors and its metadata, or what a pickle holds (read weights-only unless trusted) and {}.
+    `what` names the kind of file in errors; `fix` says how to open a pickle that holds more."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{what} not found: {path}" if not path.exists() else f"{path} is not a {what} file")
+    with open(path, "rb") as f:
+        head = f.read(16)
+    kind = _sniff(head, path.stat().st_size)
+    if kind == "safetensors":
+        from safetensors import safe_open
+
+        tensors = _read_safetensors(path)
+        with safe_open(str(path), framework="pt") as f:
+            return tensors, dict(f.metadata() or {})
+    if kind in ("zip", "pickle"):
+        return _read_pickle(path, legacy=kind == "pickle", trust=trust_pickle, fix=fix), {}
+    raise CheckpointError(
+        f"{path} is not a {what} file: it is neither .safetensors nor a PyTorch pickle (it may be "
+        "truncated, or an HTML page saved by a failed download)"
+    )
 
 
 def _sniff(head: bytes, size: int) -> str:
@@ -88,7 +114,7 @@ def _read_safetensors(path: Path) -> dict[str, Tensor]:
         ) from None
 
 
-def _read_pickle(path: Path, *, legacy: bool, trust: bool) -> object:
+def _read_pickle(path: Path, *, legacy: bool, trust: bool, fix: str = "") -> object:
     if trust:
         return _read_trusted_pickle(path)
     try:
@@ -107,12 +133,14 @@ def _read_pickle(path: Path, *, legacy: bool, trust: bool) -> object:
         found = re.search(r"[Uu]nsupported (?:global: )?GLOBAL ([\w.]+)", str(e))
         what = f" (it holds an object of type {found.group(1)})" if found else ""
         out = path.with_suffix(".safetensors")
-        raise CheckpointError(
-            f"{path} is a pickle that holds more than tensors{what}, so it was not opened: "
-            "unpickling such a file can run arbitrary code on this machine. Only if you trust "
-            "its source, convert it once to a safe .safetensors file:\n"
+        fix = fix or (
+            "convert it once to a safe .safetensors file:\n"
             f"  {CONVERT_HINT.format(path=path, out=out)}\n"
             "and load the .safetensors file from then on."
+        )
+        raise CheckpointError(
+            f"{path} is a pickle that holds more than tensors{what}, so it was not opened: "
+            f"unpickling such a file can run arbitrary code on this machine. Only if you trust its source, {fix}"
         ) from None
     except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as e:
         raise CheckpointError(

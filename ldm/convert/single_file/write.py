@@ -11,6 +11,7 @@ from ...atomic import atomic_path
 from ...build import ModelState
 from ...checkpoint import PREFIXES, atomic_save_safetensors
 from ...config import DiffusionConfig
+from ...errors import ConfigError
 from ...diffusion.schedule import make_betas, rescale_zero_terminal_snr
 from .upscaler import LOW_SCALE_BUFFERS, LOW_SCALE_PREFIX, low_res_as_diffusion
 
@@ -46,6 +47,13 @@ def single_file_tensors(state: ModelState, dtype: torch.dtype | None = None) -> 
     """Every tensor of an original single file: model weights under the original prefixes (cast to
     `dtype` when given), the schedule buffers in float32 (an upscaler's low-resolution ones under
     `low_scale_model.`), and SD 1.x's CLIP `position_ids`."""
+    freqs = state.config.model.unet.position_embedding_freqs
+    if freqs:
+        raise ConfigError(
+            f"unet.position_embedding_freqs={freqs}: the original Stable Diffusion U-Net has no position embedding "
+            "in its transformers, so this model has no single-file form; keep it in our .safetensors file "
+            "(LDMPipeline.save)"
+        )
     tensors: dict[str, torch.Tensor] = {}
     for name, part in state.parts.items():
         for key, value in part.items():
