@@ -527,7 +527,7 @@ def test_eval_scores_an_upscaler_against_bicubic(model_files, tmp_path, capsys):
     metrics = json.loads(out.read_text())
     assert metrics["n"] == 2 and {"loss", "psnr_bicubic", "psnr_model", "hf_ratio_bicubic", "hf_ratio_model"} <= set(metrics)
     assert 0 < metrics["hf_ratio_bicubic"] < 1  # bicubic loses the fine detail of the shapes' edges
-    assert Image.open(grid).size == (4 * 64, 2 * 64)  # low-res, bicubic, model, truth; one row per image
+    assert Image.open(grid).size == (4 * 128, 2 * 128)  # low-res, bicubic, model, truth; one row per image, 64 px x 2
 
 
 def test_superres_measures_on_analytic_cases():

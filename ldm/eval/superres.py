@@ -73,13 +73,14 @@ def superres_scores(comparison: dict[str, torch.Tensor]) -> dict[str, float]:
     return scores
 
 
-def comparison_grid(comparison: dict[str, torch.Tensor], n: int = 4) -> Image.Image:
-    """One row per image: the low-resolution input (enlarged with nearest neighbours, pixels as
-    they are), bicubic, the model, the ground truth."""
-    size = comparison["truth"].shape[-2:]
-    low = F.interpolate(comparison["low"][:n], size=size, mode="nearest")
+def comparison_grid(comparison: dict[str, torch.Tensor], n: int = 4, min_size: int = 128) -> Image.Image:
+    """One row per image: the low-resolution input, bicubic, the model, the ground truth, each
+    enlarged with nearest neighbours (pixels as they are) to a side of at least `min_size`."""
+    h, w = comparison["truth"].shape[-2:]
+    zoom = max(1, -(-min_size // min(h, w)))
     tiles = []
-    for k in range(min(n, len(low))):
-        tiles += [to_pil(low[k]), to_pil(comparison["bicubic"][k]), to_pil(comparison["model"][k]),
-                  to_pil(comparison["truth"][k])]
+    for k in range(min(n, len(comparison["truth"]))):
+        for name in ("low", "bicubic", "model", "truth"):
+            tiles.append(to_pil(F.interpolate(comparison[name][k : k + 1], size=(h * zoom, w * zoom),
+                                              mode="nearest")[0]))
     return make_grid(tiles, cols=4)
