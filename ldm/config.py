@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Sequence
 
 from .config_io import apply_overrides, from_dict, load_yaml, resolve_config, to_dict  # noqa: F401 (to_dict: re-exported)
+from .config_upscaler import RESAMPLE_MODES, DegradeConfig, LowResConfig  # noqa: F401 (re-exported)
 from .config_train import (  # noqa: F401 (re-exported: the training sections live there)
     COMPILE_MODES,
     CROPS,
@@ -59,6 +60,13 @@ class UNetConfig:
     norm_groups: int = 32
     dropout: float = 0.0
     gradient_checkpointing: bool = False
+    # Class conditioning (`label_emb`, an embedding added to the timestep embedding): the number of
+    # labels, or None. The SD x4 upscaler has 1000, one per noise level of its low-resolution input.
+    num_classes: int | None = None
+    # One flag per level: True turns the first attention of that level's transformers into a second
+    # attention to the text (the original `disable_self_attentions`; the x4 upscaler drops
+    # self-attention at its three high-resolution levels). Empty: self-attention everywhere.
+    disable_self_attentions: tuple[bool, ...] = ()
     # > 0: every SpatialTransformer adds a learned projection of this many Fourier frequencies of
     # each pixel's (y, x) to its tokens (ldm.models.attention.FourierPositions), so that words like
     # "top left" can reach the right pixels. 0: none, the original SD layout (its checkpoints need 0).
@@ -67,6 +75,13 @@ class UNetConfig:
     def validate(self) -> None:
         if self.position_embedding_freqs < 0:
             raise ConfigError(f"unet: position_embedding_freqs must be >= 0 (got {self.position_embedding_freqs}); 0 turns it off")
+        if self.num_classes is not None and self.num_classes < 1:
+            raise ConfigError(f"unet.num_classes must be >= 1, or null for no class embedding (got {self.num_classes})")
+        if self.disable_self_attentions and len(self.disable_self_attentions) != len(self.channel_mult):
+            raise ConfigError(
+                f"unet.disable_self_attentions needs one flag per level ({len(self.channel_mult)}, like "
+                f"channel_mult) or none (got {list(self.disable_self_attentions)})"
+            )
         if (self.num_heads is None) == (self.num_head_channels is None):
             raise ConfigError(
                 "unet: set exactly one of num_heads (heads by count, SD 1.x uses 8) and "
@@ -98,6 +113,9 @@ class UNetConfig:
     def downsample_factor(self) -> int:
         """Total downsampling from the latent to the lowest U-Net level."""
         return 2 ** (len(self.channel_mult) - 1)
+
+    def self_attention_disabled(self, level: int) -> bool:
+        return bool(self.disable_self_attentions) and self.disable_self_attentions[level]
 
 
 @dataclass
@@ -198,6 +216,7 @@ class ModelConfig:
     vae: VAEConfig = field(default_factory=VAEConfig)
     text_encoder: TextEncoderConfig = field(default_factory=TextEncoderConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    low_res: LowResConfig | None = None  # set for upscalers (e.g. the SD x4 upscaler); None otherwise
 
     def validate(self) -> None:
         for part in (self.unet, self.vae, self.text_encoder, self.diffusion):
@@ -208,10 +227,22 @@ class ModelConfig:
                 f"({self.text_encoder.width}): the U-Net cross-attends to the text hidden states"
             )
         latent = self.vae.embed_dim
-        if self.unet.in_channels not in (latent, 2 * latent + 1):
+        if self.low_res is not None:
+            if self.low_res.beta_schedule not in BETA_SCHEDULES:
+                raise ConfigError(f"low_res.beta_schedule must be one of {BETA_SCHEDULES} "
+                                  f"(got {self.low_res.beta_schedule!r})")
+            self.low_res.check_unet(self.unet.in_channels, self.unet.num_classes, latent, self.vae.in_channels)
+        elif self.unet.in_channels not in (latent, 2 * latent + 1):
+            upscaler = self.unet.in_channels == latent + self.vae.in_channels
             raise ConfigError(
                 f"unet.in_channels ({self.unet.in_channels}) must be vae.embed_dim ({latent}) or, for an "
                 f"inpainting U-Net, 2 * embed_dim + 1 ({2 * latent + 1})"
+                + ("; an upscaler (latents + low-resolution image) also needs a model.low_res section" if upscaler else "")
+            )
+        elif self.unet.num_classes is not None:
+            raise ConfigError(
+                f"unet.num_classes ({self.unet.num_classes}) conditions the U-Net on a label that only "
+                "upscalers receive (their noise level); add a model.low_res section or set unet.num_classes: null"
             )
         if self.unet.out_channels != latent:
             raise ConfigError(
@@ -219,10 +250,14 @@ class ModelConfig:
             )
 
     @property
+    def is_upscaler(self) -> bool:
+        return self.low_res is not None
+
+    @property
     def inpainting(self) -> bool:
         """An inpainting U-Net: it takes the latent mask and the masked image's latents beside the
         noisy latents (in_channels = 2 * vae.embed_dim + 1)."""
-        return self.unet.in_channels == 2 * self.vae.embed_dim + 1
+        return self.low_res is None and self.unet.in_channels == 2 * self.vae.embed_dim + 1
 
     @property
     def latent_factor(self) -> int:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from .config_upscaler import DegradeConfig
 from .errors import ConfigError
 
 COMPILE_MODES = ("default", "max-autotune-no-cudagraphs", "reduce-overhead", "max-autotune")
@@ -57,6 +58,7 @@ class DataConfig:
     # sample key, so the same on every run, rank and stage), unless heldout_urls names other data.
     heldout_fraction: float = 0.02
     heldout_urls: str = ""
+    degrade: DegradeConfig = field(default_factory=DegradeConfig)  # upscaler training: how low-res inputs are made
 
     def validate(self) -> None:
         if self.source not in DATA_SOURCES:
@@ -82,6 +84,7 @@ class DataConfig:
                                   f"{self.bucket_step}; {multiple_hint(self.resolution, self.bucket_step)}")
             if not self.max_aspect_ratio >= 1:
                 raise ConfigError(f"data.max_aspect_ratio must be >= 1 (got {self.max_aspect_ratio})")
+        self.degrade.validate()
 
     def check_factor(self, factor: int) -> None:
         """Training sizes must be multiples of the VAE's downsampling `factor`."""

@@ -46,10 +46,12 @@ def pick_dtype(name: str, device: torch.device) -> torch.dtype:
 
 
 def available_memory(device: torch.device) -> int | None:
-    """Bytes free for new tensors on `device`: the free memory of a CUDA device, the memory the
-    system has available for the CPU; None where it cannot be known (MPS, unknown systems)."""
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
+    """Bytes free for new tensors on `device`: the free memory of a CUDA device (with the cache torch
+    holds unused), the memory the system has available for the CPU; None where it cannot be known
+    (MPS, unknown systems)."""
+    if device.type == "cuda":  # what the driver has free, plus what torch's allocator holds unused
+        free, _total = torch.cuda.mem_get_info(device)
+        return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
     if device.type != "cpu":
         return None
     try:

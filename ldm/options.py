@@ -1,6 +1,6 @@
 """SamplingOptions: everything besides the model and the input pictures that decides a generated image.
 
-`LDMPipeline.generate`, `img2img` and `inpaint` take its fields as keyword arguments
+`LDMPipeline.generate`, `img2img`, `inpaint` and `upscale` take its fields as keyword arguments
 (`pipe.generate("a red circle", steps=30, cfg=7.5, seed=0)`, or `pipe.generate(**options.to_dict())`),
 the command-line tools build one from their flags, and every generated image records its own
 resolved copy in `image.info` (one prompt, its seed, the model's defaults filled in), which is what
@@ -17,6 +17,10 @@ from typing import Any, Mapping, Sequence
 
 from .config import SampleConfig
 from .diffusion import STOCHASTIC_SAMPLERS, parse_sampler
+
+LATENT_UPSCALER = "latent"  # hires fix's default upscaler: interpolate the latents (A1111's "Latent")
+HIRES_STRENGTH = 0.5  # hires fix's default redraw strength
+MAX_HIRES_SCALE = 8
 
 
 @dataclass
@@ -37,7 +41,16 @@ class SamplingOptions:
     num_images: int = 1  # images per prompt
     height: int | None = None  # text-to-image only (img2img and inpaint draw at their image's size)
     width: int | None = None
-    strength: float | None = None  # img2img and inpaint only: the noise level to start from, in [0, 1]
+    strength: float | None = None  # img2img, inpaint and hires fix's redraw: the noise level to start from, in [0, 1]
+    # upscale only: noise added to the low-resolution input, 0..max_noise_level (checked by upscale,
+    # which knows the model's range); None: the model's default
+    noise_level: int | None = None
+    # Hires fix (generate only): generate at height x width, upscale by hires_scale with hires_upscaler
+    # ("latent": interpolate the latents; else the name of an upscaler model), then redraw at the
+    # larger size with img2img at `strength` (default 0.5) over a hires_steps-step schedule (default: steps).
+    hires_scale: float | None = None
+    hires_steps: int | None = None
+    hires_upscaler: str | None = None
 
     @staticmethod
     def names() -> tuple[str, ...]:
@@ -91,8 +104,27 @@ class SamplingOptions:
             )
         sampler, spacing = choice.sampler, choice.spacing or "trailing"
         strength = None if self.strength is None else float(self.strength)
-        return self.replace(negative_prompt=negative, steps=steps, cfg=cfg, sampler=sampler, spacing=spacing,
-                            strength=strength)
+        resolved = {"negative_prompt": negative, "steps": steps, "cfg": cfg, "sampler": sampler, "spacing": spacing,
+                    "strength": strength}
+        return self.replace(**{**resolved, **self._resolved_hires(steps, strength)})
+
+    def _resolved_hires(self, steps: int, strength: float | None) -> dict[str, Any]:
+        """The hires fix fields with their defaults filled in (nothing when hires_scale is None)."""
+        if self.hires_scale is None:
+            given = [name for name in ("hires_steps", "hires_upscaler") if getattr(self, name) is not None]
+            if given:
+                raise ValueError(f"{given[0]} belongs to hires fix: set hires_scale too (e.g. 2)")
+            return {}
+        scale, hires_steps = self.hires_scale, steps if self.hires_steps is None else self.hires_steps
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 1 < scale <= MAX_HIRES_SCALE:
+            raise ValueError(f"hires_scale must be a number in (1, {MAX_HIRES_SCALE}] (got {scale!r}); 2 is typical")
+        if isinstance(hires_steps, bool) or not isinstance(hires_steps, int) or hires_steps < 1:
+            raise ValueError(f"hires_steps must be an integer >= 1 (got {hires_steps!r})")
+        upscaler = LATENT_UPSCALER if self.hires_upscaler is None else self.hires_upscaler
+        if not isinstance(upscaler, str) or not upscaler:
+            raise ValueError(f"hires_upscaler must be {LATENT_UPSCALER!r} or an upscaler model's name (got {upscaler!r})")
+        return {"hires_scale": float(scale), "hires_steps": hires_steps, "hires_upscaler": upscaler,
+                "strength": HIRES_STRENGTH if strength is None else strength}
 
     def image_info(self) -> dict[str, Any]:
         """What one generated image records in `image.info`: these (resolved, one-image) options without

@@ -31,7 +31,7 @@ from typing import Any, Mapping
 
 from .diffusion import STOCHASTIC_SAMPLERS, a1111_name, parse_sampler
 from .images import png_text_chunks
-from .options import SamplingOptions
+from .options import LATENT_UPSCALER, SamplingOptions
 
 PARAMETERS_KEY = "parameters"  # AUTOMATIC1111's chunk
 SETTINGS_KEY = "ldm"  # ours
@@ -42,7 +42,9 @@ A1111_LORA_HASH_DIGITS = 12  # its "Lora hashes": 12 digits per file
 CFG_RESCALE_LABELS = ("CFG Rescale", "CFG Rescale phi", "CFG Rescale φ", "CFG rescale")
 # A1111 fields whose meaning is read into SamplingOptions (or the model); the rest are reported.
 _READ = {"Steps", "Sampler", "Schedule type", "CFG scale", "Seed", "Size", "Denoising strength", "Eta", "Eta DDIM",
-         "Model hash", "Model", "VAE hash", "VAE", "Version", *CFG_RESCALE_LABELS}
+         "Model hash", "Model", "VAE hash", "VAE", "Version", "Noise level", *CFG_RESCALE_LABELS}
+HIRES_LABELS = ("Hires upscale", "Hires steps", "Hires upscaler")
+A1111_LATENT = "Latent"  # A1111's label of hires fix's latent upscaler (bilinear, as ours)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -80,7 +82,12 @@ def a1111_parameters(info: Mapping[str, Any], model: Mapping[str, Any] | None = 
         "VAE hash": (model.get("vae_sha256") or "")[:A1111_HASH_DIGITS] or None,
         "VAE": Path(model["vae"]).name if model.get("vae") else None,
         "Denoising strength": info.get("strength"),
+        "Noise level": info.get("noise_level"),  # an upscale's
     }
+    if info.get("hires_scale") is not None:  # A1111's hires fix fields, the base size in Size
+        upscaler = str(info.get("hires_upscaler") or LATENT_UPSCALER)
+        fields.update({"Hires upscale": info["hires_scale"], "Hires steps": info.get("hires_steps"),
+                       "Hires upscaler": A1111_LATENT if upscaler == LATENT_UPSCALER else Path(upscaler).name})
     loras = [lora for lora in model.get("loras", ()) if lora.get("sha256")]
     if loras:  # A1111 writes each LoRA's name without commas and colons, and a short hash of its file
         fields["Lora hashes"] = ", ".join(
@@ -219,11 +226,13 @@ def _split_fields(line: str) -> dict[str, str]:
 
 def settings_from_a1111(text: str) -> PngSettings:
     """A1111's infotext as our settings: prompt, negative prompt, steps, sampler and schedule type,
-    CFG scale, seed, size, denoising strength (of img2img; a hires fix's is not ours), eta and CFG
-    rescale. A missing schedule type is A1111's "Automatic". Raises ValueError for an unknown
-    sampler or a malformed number, naming it."""
+    CFG scale, seed, size, denoising strength, eta, CFG rescale, an upscale's noise level, and hires
+    fix with the Latent upscaler (A1111's hires fix with another upscaler is not ours: its fields
+    and strength are reported as ignored). A missing schedule type is A1111's "Automatic". Raises
+    ValueError for an unknown sampler or a malformed number, naming it."""
     f = parse_a1111(text)
     hires = any(label.startswith("Hires") for label in f)
+    latent_hires = hires and "Hires upscale" in f and f.get("Hires upscaler", A1111_LATENT) == A1111_LATENT
     sampler = f.get("Sampler")
     choice = parse_sampler(sampler, f.get("Schedule type", "Automatic")) if sampler else None
     values: dict[str, Any] = {"prompt": f["Prompt"], "negative_prompt": f["Negative prompt"]}
@@ -237,8 +246,14 @@ def settings_from_a1111(text: str) -> PngSettings:
         if not (width.isdigit() and height.isdigit()):
             raise ValueError(f"Size must be WIDTHxHEIGHT (got {f['Size']!r})")
         values.update(width=int(width), height=int(height))
-    if "Denoising strength" in f and not hires:
+    if "Denoising strength" in f and (latent_hires or not hires):
         values["strength"] = _number(f, "Denoising strength", float)
+    if "Noise level" in f:
+        values["noise_level"] = _number(f, "Noise level", int)
+    if latent_hires:
+        hires_steps = int(_number(f, "Hires steps", int)) if "Hires steps" in f else 0
+        values.update(hires_scale=_number(f, "Hires upscale", float), hires_upscaler=LATENT_UPSCALER,
+                      hires_steps=hires_steps or None)  # A1111's 0: as many as the first pass
     eta_label = "Eta DDIM" if choice is not None and choice.sampler == "ddim" else "Eta"
     if eta_label in f and choice is not None and choice.sampler in STOCHASTIC_SAMPLERS:
         values["eta"] = _number(f, eta_label, float)
@@ -247,7 +262,7 @@ def settings_from_a1111(text: str) -> PngSettings:
         values["guidance_rescale"] = _number(f, rescale, float)
     model = {key: f[label] for key, label in (("name", "Model"), ("hash", "Model hash"), ("vae", "VAE"),
                                               ("vae_hash", "VAE hash")) if label in f}
-    used = _READ - ({"Denoising strength"} if hires else set())
+    used = (_READ | set(HIRES_LABELS)) if latent_hires else _READ - ({"Denoising strength"} if hires else set())
     ignored = {label: value for label, value in f.items() if label not in used and label not in ("Prompt",
                                                                                                   "Negative prompt")}
     for label in ("Eta", "Eta DDIM"):

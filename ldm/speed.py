@@ -109,7 +109,7 @@ def fuse_qkv(model: nn.Module, enabled: bool = True) -> None:
     for m in model.modules():
         if isinstance(m, BasicTransformerBlock):
             if enabled:
-                m.attn1.fuse_projections(self_attention=True)
+                m.attn1.fuse_projections(self_attention=not m.disable_self_attn)
                 m.attn2.fuse_projections(self_attention=False)
         elif isinstance(m, CrossAttention) and not enabled:
             m.unfuse_projections()
@@ -209,7 +209,7 @@ def _compiled(fn: Callable[..., Any], mode: str | None) -> Callable[..., Any]:
 class FastUNet(nn.Module):
     """Calls a U-Net as a SpeedConfig says; same signature and result as `UNet.forward`.
 
-    forward(x (B, C, H, W), t (B,) or scalar, context (B, L, D)) -> (B, out_channels, H, W).
+    forward(x (B, C, H, W), t (B,) or scalar, context (B, L, D)[, y (B,)]) -> (B, out_channels, H, W).
     Timesteps are turned into a float32 (B,) tensor on x's device first, so that a compiled
     forward or a captured graph sees a tensor input, never a Python number to specialise on.
 
@@ -236,37 +236,42 @@ class FastUNet(nn.Module):
     def cfg(self) -> UNetConfig:
         return self.unet.cfg
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor | float, context: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, t: torch.Tensor | float, context: torch.Tensor, y: torch.Tensor | None = None
+    ) -> torch.Tensor:
         t = torch.as_tensor(t, device=x.device, dtype=torch.float32)
         if t.ndim == 0:
             t = t.expand(x.shape[0]).contiguous()  # (B,), a plain tensor: the same guards every call
         rows = self.speed.fixed_batch
         if rows and x.shape[0] != rows:
-            return self._fixed_batches(x, t, context, rows)
-        return self._call(x, t, context)
+            return self._fixed_batches(x, t, context, y, rows)
+        return self._call(x, t, context, y)
 
-    def _fixed_batches(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, rows: int) -> torch.Tensor:
+    def _fixed_batches(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, y: torch.Tensor | None,
+                       rows: int) -> torch.Tensor:
         """The U-Net over x in calls of exactly `rows` rows, the last padded with zeros."""
         out = []
         for start in range(0, x.shape[0], rows):
-            parts = [a[start : start + rows] for a in (x, t, context)]
+            parts = [a[start : start + rows] for a in (x, t, context) + (() if y is None else (y,))]
             n = parts[0].shape[0]
             if n < rows:
                 parts = [torch.cat([a, a.new_zeros((rows - n, *a.shape[1:]))]) for a in parts]
             out.append(self._call(*parts)[:n])
         return torch.cat(out)
 
-    def _call(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+    def _call(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, y: torch.Tensor | None = None
+              ) -> torch.Tensor:
         if self.speed.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
+        args = (x, t, context) if y is None else (x, t, context, y)  # y: class labels (upscalers)
         if self._graph is not None:
-            return self._graph(x, t, context)
+            return self._graph(*args)
         if self.speed.compile in _GRAPHING_MODES and x.is_cuda:
             # torch.compile's own CUDA graphs reuse their output memory on the next replay: start
             # a new replay step per call and hand out a copy, so earlier results stay valid
             torch.compiler.cudagraph_mark_step_begin()
-            return self._forward(x, t, context).clone()
-        return self._forward(x, t, context)
+            return self._forward(*args).clone()
+        return self._forward(*args)
 
 
 def optimize_unet(unet: UNet, cfg: SpeedConfig) -> FastUNet:

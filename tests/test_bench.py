@@ -130,7 +130,8 @@ def test_vs_diffusers_agrees_on_the_same_weights_and_gives_ratios():
 
 
 def test_a_disagreement_with_diffusers_is_a_failed_row_and_the_other_rows_still_run(monkeypatch):
-    monkeypatch.setitem(bench.AGREEMENT_TOLERANCE, torch.float32, 0.0)
+    # below zero: even no error is too much (the VAE decoder equals diffusers' bit for bit in fp32 on a CPU)
+    monkeypatch.setitem(bench.AGREEMENT_TOLERANCE, torch.float32, -1.0)
     result = run_bench(tiny_options(workloads=["unet", "vae"], vs_diffusers=True))
     assert [(r.workload, r.impl, r.error is None) for r in result.rows] == [
         ("unet", "ldm", True), ("unet", "diffusers", False), ("vae", "ldm", True), ("vae", "diffusers", False)]

@@ -3,6 +3,7 @@ classes open and run to our numbers, strict loading, and the convert tool end to
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -18,6 +19,7 @@ from ldm.bench import randomize_weights_
 from ldm.config import Config, load_config, to_dict
 from ldm.convert.diffusers import (
     EXTRA_FILE,
+    LDM_CONFIG_KEY,
     WEIGHT_STEMS,
     read_diffusers_config,
     scheduler_config_to_diffusers,
@@ -306,3 +308,63 @@ def test_convert_tool_single_file_both_ways(tmp_path, capsys):
 def test_convert_tool_reports_bad_input(tmp_path):
     r = run_tool(tmp_path / "missing.safetensors", tmp_path / "out")
     assert r.returncode == 2 and "error:" in r.stderr and "not found" in r.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# The latent upscaler: StableDiffusionUpscalePipeline folders
+# ---------------------------------------------------------------------------------------------
+
+SR = ROOT / "tests" / "configs" / "sr_test.yaml"
+
+
+def make_upscaler(seed: int = 0) -> LDMPipeline:
+    pipe = LDMPipeline.from_config(load_config(SR, ["model.low_res.max_noise_level=300", "model.low_res.noise_level=30"]))
+    for i, module in enumerate(pipe.modules.values()):
+        randomize_weights_(module, seed + i)
+    return pipe
+
+
+def test_upscaler_round_trips_through_an_upscale_pipeline_folder(tmp_path):
+    pipe = make_upscaler()
+    folder = pipe.save_diffusers(tmp_path / "x4")
+    index = json.loads((folder / "model_index.json").read_text())
+    assert index["_class_name"] == "StableDiffusionUpscalePipeline" and index["max_noise_level"] == 300
+    assert index["low_res_scheduler"] == ["diffusers", "DDPMScheduler"]
+    unet_cfg = json.loads((folder / "unet" / "config.json").read_text())
+    assert unet_cfg["num_class_embeds"] == 400 and unet_cfg["only_cross_attention"] == [True, False]
+    assert "class_embedding.weight" in load_file(folder / "unet" / "diffusion_pytorch_model.safetensors")
+    back = LDMPipeline.from_diffusers(folder)
+    assert_same_weights(pipe, back)
+    assert back.model_config == pipe.model_config and back.model_config.low_res.noise_level == 30
+    # without our stored config (a folder made elsewhere) the low-res schedule and max noise level still come through
+    del index[LDM_CONFIG_KEY]
+    (folder / "model_index.json").write_text(json.dumps(index))
+    derived = read_diffusers_config(folder).model
+    assert derived.low_res == dataclasses.replace(pipe.model_config.low_res, noise_level=20)
+    assert derived.unet == pipe.model_config.unet
+
+
+@pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")  # diffusers' numpy use
+def test_upscale_matches_diffusers_upscale_pipeline(tmp_path):
+    """The same random weights through diffusers' StableDiffusionUpscalePipeline and ours: the input
+    noise-augmented by its DDPMScheduler at the same level with the same noise, concatenated after
+    the latents, the noise level as class label, v prediction, guidance, Euler steps, decoding."""
+    from diffusers import EulerDiscreteScheduler, StableDiffusionUpscalePipeline
+    from PIL import Image
+
+    pipe = make_upscaler()
+    folder = pipe.save_diffusers(tmp_path / "x4")
+    theirs = StableDiffusionUpscalePipeline.from_pretrained(folder)
+    theirs.scheduler = EulerDiscreteScheduler.from_config(theirs.scheduler.config, timestep_spacing="trailing")
+    theirs.set_progress_bar_config(disable=True)
+    pixels = (torch.rand(16, 20, 3, generator=torch.Generator().manual_seed(0)) * 255).to(torch.uint8)
+    image = Image.fromarray(pixels.numpy())
+    with torch.no_grad():
+        # prompt embeddings given directly: our tiny text encoder reads 16 tokens, their tokenizer pads to 77
+        expected = theirs(prompt_embeds=pipe.encode_prompt(["a red circle"]), negative_prompt_embeds=pipe.encode_prompt([""]),
+                          image=image, num_inference_steps=4, guidance_scale=3.0, noise_level=40,
+                          generator=torch.Generator().manual_seed(7), output_type="pt").images
+    ours = pipe.upscale(image, "a red circle", noise_level=40, steps=4, cfg=3.0, sampler="euler", spacing="trailing",
+                        seed=7, output_type="tensor", progress=False)
+    assert ours.shape == expected.shape == (1, 3, 64, 80)
+    torch.testing.assert_close(ours, expected, atol=1e-4, rtol=0)

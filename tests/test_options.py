@@ -84,9 +84,11 @@ def test_an_images_record_reproduces_it(tiny_pipe):
 
 def test_wrong_keywords_name_the_options_each_method_takes(tiny_pipe):
     with pytest.raises(TypeError, match=r"generate\(\) got an unexpected keyword argument 'stpes'; its sampling "
-                                        r"options are steps, cfg, .*height, width$"):
+                                        r"options are steps, cfg, .*height, width, strength, hires_scale, hires_steps, "
+                                        r"hires_upscaler$"):
         tiny_pipe.generate("x", stpes=3)
-    with pytest.raises(ValueError, match=r"strength applies to img2img and inpaint, not generate \(got 0.5\)"):
+    with pytest.raises(ValueError, match=r"strength applies to img2img, inpaint and hires fix \(with hires_scale\), "
+                                         r"not plain generate \(got 0.5\)"):
         tiny_pipe.generate("x", strength=0.5)
     with pytest.raises(ValueError, match=r"img2img draws at the size of its image \(got height=64"):
         tiny_pipe.img2img(torch.rand(1, 3, 32, 32), "x", height=64)

@@ -1,6 +1,6 @@
 """Numerical parity with diffusers and transformers on random weights.
 
-An original-layout state dict of our SD 1.5 / 2.1 architectures (channel-reduced, otherwise
+An original-layout state dict of our SD 1.5 / 2.1 / x4 upscaler architectures (channel-reduced, otherwise
 faithful: same channel multipliers, head convention, conv vs linear projections, attention at
 [4, 2, 1]) is converted by diffusers' OWN single-file converters into diffusers models built from
 configs that diffusers itself derives from the original-style config; both must compute the same
@@ -72,6 +72,10 @@ def original_config(unet: UNetConfig, vae: VAEConfig) -> dict:
         unet_params["num_heads"] = unet.num_heads
     else:
         unet_params["num_head_channels"] = unet.num_head_channels
+    if unet.num_classes is not None:  # x4-upscaling.yaml
+        unet_params["num_classes"] = unet.num_classes
+    if unet.disable_self_attentions:
+        unet_params["disable_self_attentions"] = list(unet.disable_self_attentions)
     ddconfig = {
         "in_channels": vae.in_channels, "out_ch": vae.out_channels, "ch": vae.ch, "ch_mult": list(vae.ch_mult),
         "num_res_blocks": vae.num_res_blocks, "z_channels": vae.z_channels, "attn_resolutions": [],
@@ -140,6 +144,30 @@ def test_unet_matches_diffusers(name):
     with torch.no_grad():
         err = scaled_error(unet(x, t, ctx), theirs(x, t, ctx).sample)
     print(f"{name} U-Net max abs error (unit scale): {err:.2e}")
+    assert err <= TOL
+
+
+def test_upscaler_unet_matches_diffusers():
+    """The x4 upscaler's U-Net (class embedding of the noise level, cross-only attention at levels
+    0-2) at a quarter of its width, converted by diffusers' own converter."""
+    torch.manual_seed(0)
+    cfg = full("sd-x4-upscaler").unet
+    cfg.model_channels, cfg.context_dim = 64, 64
+    unet = perturb(UNet(cfg), seed=5)
+    vae_cfg = full("sd-x4-upscaler").vae
+    theirs, converted, config = diffusers_unet(unet, vae_cfg)
+    assert config["num_class_embeds"] == 1000 and config["only_cross_attention"] == [True, True, True, False]
+    assert_same_tensors(to_diffusers_state(unet.state_dict(), unet_rules(unet.cfg)), converted)
+    ours_config = unet_config_to_diffusers(unet.cfg)
+    for key in ("down_block_types", "block_out_channels", "attention_head_dim", "only_cross_attention", "num_class_embeds"):
+        assert ours_config[key] == config[key], key
+
+    x = torch.randn(2, 7, 16, 16)
+    t, levels = torch.tensor([1.0, 981.0]), torch.tensor([0, 350])
+    ctx = torch.randn(2, 77, 64)
+    with torch.no_grad():
+        err = scaled_error(unet(x, t, ctx, levels), theirs(x, t, ctx, class_labels=levels).sample)
+    print(f"x4 upscaler U-Net max abs error (unit scale): {err:.2e}")
     assert err <= TOL
 
 
@@ -224,7 +252,7 @@ def shapes(state: dict[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:
     return {k: tuple(v.shape) for k, v in state.items()}
 
 
-@pytest.mark.parametrize("name", ["sd15", "sd21"])
+@pytest.mark.parametrize("name", ["sd15", "sd21", "sd-x4-upscaler"])
 def test_full_size_unet_and_vae_keys_and_shapes(name):
     from diffusers import AutoencoderKL as DiffusersVAE
     from diffusers import UNet2DConditionModel
@@ -245,7 +273,7 @@ def test_full_size_unet_and_vae_keys_and_shapes(name):
         assert shapes(converted) == shapes(theirs.state_dict())
         assert shapes(to_diffusers_state(ours.state_dict(), rules)) == shapes(converted)
     assert unet_config["attention_head_dim"] == unet_config_to_diffusers(cfg.unet)["attention_head_dim"]
-    assert unet_config["attention_head_dim"] == (8 if name == "sd15" else [5, 10, 20, 20])
+    assert unet_config["attention_head_dim"] == {"sd15": 8, "sd21": [5, 10, 20, 20], "sd-x4-upscaler": 8}[name]
 
 
 @pytest.mark.parametrize("name", ["sd15", "sd21"])

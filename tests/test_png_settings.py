@@ -130,11 +130,16 @@ def test_a1111_infotexts_give_their_settings():
     o = modern.options
     assert (o.prompt, o.negative_prompt, o.sampler, o.spacing, o.width, o.height) == (
         "portrait\nof a cat", "lowres\nbad hands", "dpmpp_2m", "karras", 512, 768)
-    assert o.strength is None  # a hires fix's denoising strength, not an img2img one
+    # hires fix with the Latent upscaler is ours: its strength is the redraw's
+    assert (o.hires_scale, o.hires_steps, o.hires_upscaler, o.strength) == (2.0, 10, "latent", 0.45)
     assert modern.model == {"name": "v1-5-pruned-emaonly", "hash": "6ce0161689",
                             "vae": "vae-ft-mse-840000-ema-pruned.safetensors", "vae_hash": "735e4c3a44"}
-    assert modern.ignored == {"Denoising strength": "0.45", "Clip skip": "2", "Hires upscale": "2", "Hires steps": "10",
-                              "Hires upscaler": "Latent", "Lora hashes": "detail: 0123456789ab, style: ba9876543210"}
+    assert modern.ignored == {"Clip skip": "2", "Lora hashes": "detail: 0123456789ab, style: ba9876543210"}
+    esrgan = settings_from_a1111("x\nSteps: 20, Sampler: Euler a, CFG scale: 7, Seed: 3, Size: 64x64, Denoising "
+                                 "strength: 0.4, Hires upscale: 2, Hires steps: 0, Hires upscaler: R-ESRGAN 4x+")
+    assert (esrgan.options.hires_scale, esrgan.options.strength) == (None, None)  # another upscaler: not ours
+    assert esrgan.ignored == {"Denoising strength": "0.4", "Hires upscale": "2", "Hires steps": "0",
+                              "Hires upscaler": "R-ESRGAN 4x+"}
 
     img2img = settings_from_a1111("x\nNegative prompt: \nSteps: 20, Sampler: Euler a, Schedule type: Automatic, CFG "
                                   "scale: 7, Seed: 3, Size: 64x64, Denoising strength: 0.6, Eta: 0.5, CFG Rescale: 0.7")

@@ -53,11 +53,14 @@ SD2_SMALL = [
     *TEXT_SMALL,
     "model.text_encoder.layers=3",
 ]
+# The x4 upscaler's layout at a tenth of its width: 8 heads per level, self-attention off at levels 0-2.
+X4_SMALL = ["model.unet.model_channels=32", "model.vae.ch=32", "model.text_encoder.projection_dim=128", *TEXT_SMALL]
 SMALL = {
     "sd1": ("sd15.yaml", SD1_SMALL),
     "sd2": ("sd21.yaml", SD2_SMALL),
     "inpaint": ("sd15.yaml", [*SD1_SMALL, "model.unet.in_channels=9"]),
     "tiny": ("../tests/configs/tiny64.yaml", TINY_SD1),
+    "x4": ("sd-x4-upscaler.yaml", X4_SMALL),
 }
 
 
@@ -72,6 +75,25 @@ def small_pipe(name: str) -> LDMPipeline:
 def small_state(name: str) -> dict[str, torch.Tensor]:
     """`small_pipe(name)` in the original layout with all extras (shared: copy before changing)."""
     return original_state(small_pipe(name))
+
+
+def low_scale_buffers(pipe: LDMPipeline) -> dict[str, torch.Tensor]:
+    """What the original x4 upscaler's `AbstractLowScaleModel.register_schedule` stores (float32):
+    its "linear" schedule, sqrt(beta) evenly spaced, over 1000 steps."""
+    low = pipe.model_config.low_res
+    betas = torch.linspace(math.sqrt(low.beta_start), math.sqrt(low.beta_end), low.num_timesteps, dtype=torch.float64) ** 2
+    ac = torch.cumprod(1 - betas, 0)
+    out = {
+        "betas": betas,
+        "alphas_cumprod": ac,
+        "alphas_cumprod_prev": torch.cat([ac.new_ones(1), ac[:-1]]),
+        "sqrt_alphas_cumprod": ac.sqrt(),
+        "sqrt_one_minus_alphas_cumprod": (1 - ac).sqrt(),
+        "log_one_minus_alphas_cumprod": (1 - ac).log(),
+        "sqrt_recip_alphas_cumprod": ac.rsqrt(),
+        "sqrt_recipm1_alphas_cumprod": (1 / ac - 1).sqrt(),
+    }
+    return {f"low_scale_model.{k}": v.float() for k, v in out.items()}
 
 
 def schedule_buffers(pipe: LDMPipeline) -> dict[str, torch.Tensor]:
@@ -89,6 +111,8 @@ def original_state(pipe: LDMPipeline, *, extras: bool = True) -> dict[str, torch
             state[PREFIXES[name] + k] = v.detach().clone()
     if extras:
         state.update(schedule_buffers(pipe))
+        if pipe.model_config.low_res is not None:
+            state.update(low_scale_buffers(pipe))
         for k, v in pipe.unet.state_dict().items():
             state[ema_key(k)] = 0.5 * v + 0.25  # any values that differ from the trained weights
         state["model_ema.decay"] = torch.tensor(0.9999)
@@ -149,7 +173,8 @@ def test_detection_gives_back_the_config_that_built_the_weights(name):
     detected, report = detect_config(small_state(name))
     assert detected == pipe.model_config
     assert ("inpainting" in report) == (name == "inpaint")
-    assert "9 input channels" in report if name == "inpaint" else "4 input channels" in report
+    assert ("upscaler" in report) == (name == "x4")
+    assert f"{ {'inpaint': 9, 'x4': 7}.get(name, 4)} input channels" in report
 
 
 def test_detect_v_prediction_when_asked(sd1):
@@ -452,3 +477,65 @@ def test_given_config_object_is_not_modified(sd1_file):
     pipe = LDMPipeline.from_single_file(sd1_file, config=cfg, prediction_type="v")
     assert pipe.diffusion.prediction_type == "v"
     assert cfg.model.diffusion.prediction_type == "eps"
+
+
+# ---------------------------------------------------------------------------------------------
+# The x4 upscaler
+# ---------------------------------------------------------------------------------------------
+
+
+def test_detects_the_full_size_x4_upscaler_from_shapes():
+    expected = load_config(CONFIGS / "sd-x4-upscaler.yaml").model
+    with torch.device("meta"):
+        unet, vae, text = build_models(expected)
+    state = {}
+    for name, module in (("unet", unet), ("vae", vae), ("text_encoder", text)):
+        state.update({PREFIXES[name] + k: v for k, v in module.state_dict().items()})
+    detected, report = detect_config(state)
+    assert detected == expected
+    assert "x4 upscaler layout" in report and "self-attention off at levels [0, 1, 2]" in report
+    assert "prediction type v (family convention)" in report
+
+
+def test_x4_upscaler_file_loads_strictly_and_upscales(tmp_path):
+    pipe, state = small_pipe("x4"), small_state("x4")
+    path = tmp_path / "x4-upscaler-ema.ckpt"
+    torch.save({"state_dict": state, "global_step": 1}, path)
+    loaded = LDMPipeline.from_single_file(path)
+    assert loaded.model_config == pipe.model_config
+    assert_same_weights(loaded, state)
+    report = loaded.load_report
+    assert "low-resolution input: file's alphas_cumprod and betas match the schedule (8 buffers" in report
+    assert "max_noise_level 350" in report
+    out = loaded.upscale(torch.rand(1, 3, 8, 8), steps=2, seed=0, output_type="tensor", progress=False)
+    assert out.shape == (1, 3, 32, 32)
+
+
+def test_x4_low_resolution_buffers_are_checked(tmp_path):
+    state = dict(small_state("x4"))
+    state["low_scale_model.alphas_cumprod"] = state["low_scale_model.alphas_cumprod"] ** 1.1
+    save_file(state, str(tmp_path / "bad.safetensors"))
+    with pytest.raises(CheckpointError, match=r"alphas_cumprod .* does not match .*schedule of the low-resolution input: model.low_res"):
+        LDMPipeline.from_single_file(tmp_path / "bad.safetensors")
+    state = dict(small_state("x4"))
+    state["low_scale_model.extra"] = torch.zeros(3)
+    save_file(state, str(tmp_path / "extra.safetensors"))
+    with pytest.raises(CheckpointError, match="unknown low-resolution buffers low_scale_model.extra"):
+        LDMPipeline.from_single_file(tmp_path / "extra.safetensors")
+
+
+def test_x4_buffers_with_a_text_to_image_config_are_refused(tmp_path):
+    save_file(small_state("x4"), str(tmp_path / "x4.safetensors"))
+    config = load_config(CONFIGS / "sd21.yaml", SD2_SMALL)
+    with pytest.raises(CheckpointError, match="low-resolution buffers .* describes no upscaler"):
+        LDMPipeline.from_single_file(tmp_path / "x4.safetensors", config=config)
+
+
+def test_x4_exports_the_original_layout(tmp_path):
+    pipe = small_pipe("x4")
+    ours = write.single_file_tensors(pipe.state())
+    expected = original_state(pipe, extras=False) | schedule_buffers(pipe) | low_scale_buffers(pipe)
+    expected.pop("logvar")
+    assert ours.keys() == expected.keys()
+    for key in ours:
+        torch.testing.assert_close(ours[key], expected[key], rtol=1e-6, atol=0)

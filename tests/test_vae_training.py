@@ -3,7 +3,6 @@ discriminator schedule, exact resume, and the exported VAE file with its measure
 
 import json
 import math
-import sys
 from pathlib import Path
 
 import pytest
@@ -11,7 +10,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from helpers import CONFIGS, ROOT
+from helpers import CONFIGS
 from ldm.checkpoint import load_vae_file
 from ldm.config import VAELossConfig, load_config
 from ldm.errors import CheckpointError
@@ -344,7 +343,7 @@ def test_tool_trains_and_reports_where_things_went(tmp_path, capsys):
 
 
 def test_vae_configs_match_the_models_they_train():
-    for vae_cfg, ldm_cfg in (("vae_tiny", "sd_tiny"), ("vae_small", "sd_small")):
+    for vae_cfg, ldm_cfg in (("vae_tiny", "sd_tiny"), ("vae_small", "sd_small"), ("vae_sr_tiny", "sr_tiny")):
         a = load_config(CONFIGS / f"{vae_cfg}.yaml").model.vae
         b = load_config(CONFIGS / f"{ldm_cfg}.yaml").model.vae
         assert a == b, vae_cfg

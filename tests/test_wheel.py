@@ -48,7 +48,7 @@ def installed(tmp_path_factory) -> Path:
 def test_the_wheel_ships_the_configs_and_the_entry_points(installed):
     assert sorted(p.name for p in (installed / "ldm" / "configs").glob("*.yaml")) == sorted(
         p.name for p in (ROOT / "configs").glob("*.yaml"))
-    for tool in ("ldm-txt2img", "ldm-img2img", "ldm-inpaint", "ldm-convert", "ldm-eval", "ldm-bench",
+    for tool in ("ldm-txt2img", "ldm-img2img", "ldm-inpaint", "ldm-upscale", "ldm-convert", "ldm-eval", "ldm-bench",
                  "ldm-count-params", "ldm-measure-load-memory"):
         assert (installed / "bin" / tool).is_file(), tool
 

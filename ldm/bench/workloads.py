@@ -154,7 +154,8 @@ def _bench_generate(s: Setup, theirs: Diffusers | None, emit: Emit) -> None:
     res = s.options.resolution
     shape = f"{res}px x1"
     p = s.pristine
-    pipe = LDMPipeline(s.fresh(p.vae), s.fresh(p.unet), s.fresh(p.text_encoder), p.diffusion, defaults=p.defaults)
+    pipe = LDMPipeline(s.fresh(p.vae), s.fresh(p.unet), s.fresh(p.text_encoder), p.diffusion, defaults=p.defaults,
+                       low_res=p.model_config.low_res)
 
     def generate(on: LDMPipeline, steps: int) -> Callable[[], torch.Tensor]:
         return lambda: on.generate(PROMPT, steps=steps, cfg=CFG_SCALE, sampler="ddim", seed=s.options.seed,

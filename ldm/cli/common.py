@@ -6,7 +6,7 @@ import argparse
 import re
 import sys
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 from PIL import Image
 
@@ -123,14 +123,20 @@ def save_images(images: Sequence[Image.Image], out: str | Path, pipe: LDMPipelin
     out.mkdir(parents=True, exist_ok=True)
     taken = [int(m.group(1)) for p in out.iterdir() if (m := re.match(r"(\d{5})-", p.name))]
     start = max(taken, default=-1) + 1
-    model = {**(pipe.source.record() if pipe.source else {}), **pipe.adapters_record()} if pipe else None
-    runtime = {"device": str(pipe.device), "dtype": str(pipe.dtype).removeprefix("torch.")} if pipe else None
     paths = []
     for k, image in enumerate(images):
         path = out / f"{start + k:05d}-{image.info.get('seed', 'noseed')}.png"
-        paths.append(save_png(image, path, png_text(image.info, model, runtime=runtime)))
-    grid = save_png(make_grid(images), out / f"{start:05d}-grid.png", png_text(images[0].info, model, runtime=runtime))
+        paths.append(save_png(image, path, image_text(image.info, pipe)))
+    grid = save_png(make_grid(images), out / f"{start:05d}-grid.png", image_text(images[0].info, pipe))
     return paths, grid
+
+
+def image_text(info: Mapping[str, Any], pipe: LDMPipeline | None) -> dict[str, str]:
+    """The PNG text chunks of an image whose settings are `info`, made by `pipe`: its model, LoRAs
+    and embeddings, device and dtype (`ldm.png_settings.png_text`)."""
+    model = {**(pipe.source.record() if pipe.source else {}), **pipe.adapters_record()} if pipe else None
+    runtime = {"device": str(pipe.device), "dtype": str(pipe.dtype).removeprefix("torch.")} if pipe else None
+    return png_text(info, model, runtime=runtime)
 
 
 def image_tool(parser: argparse.ArgumentParser, argv: list[str] | None, *, out: str,

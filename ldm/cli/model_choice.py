@@ -16,7 +16,7 @@ from typing import Any, Mapping
 
 from ..config import load_config
 from ..devices import pick_device, pick_dtype
-from ..pipeline import LDMPipeline
+from ..pipeline import LDMPipeline, check_model_kind, load_model
 from .adapters import apply_adapters
 
 CHECKPOINT_ENV = "LDM_CHECKPOINT"
@@ -98,9 +98,11 @@ def _recorded_choice(recorded: Mapping[str, Any], by: str | None, hints: dict[st
 
 
 def load_pipeline(args: argparse.Namespace, recorded: Mapping[str, Any] | None = None,
-                  recorded_by: str | None = None) -> LDMPipeline:
+                  recorded_by: str | None = None, *, kind: str | None = "text-to-image") -> LDMPipeline:
     """Build the pipeline the model flags (--ckpt, --config, --set, --prediction-type, --vae, --device,
-    --dtype, --attention) describe; see `choose_model` for what is used without --ckpt and --config."""
+    --dtype, --attention) describe; see `choose_model` for what is used without --ckpt and --config.
+    A model that is not of `kind` ("text-to-image", "upscaler"; None: either) is refused, before its
+    weights load where the file or config tells (`ldm.pipeline.check_model_kind`)."""
     choice = choose_model(args, recorded, recorded_by)
     if choice.why:
         print(f"note: using {choice.why}", file=sys.stderr)
@@ -108,8 +110,8 @@ def load_pipeline(args: argparse.Namespace, recorded: Mapping[str, Any] | None =
     dtype = pick_dtype(args.dtype, device)
     if choice.path:
         config = load_config(choice.config, choice.overrides) if choice.overrides else choice.config
-        pipe = LDMPipeline.load(choice.path, config=config, prediction_type=choice.prediction_type,
-                                vae=choice.vae, device=device, dtype=dtype)
+        pipe = load_model(choice.path, config=config, prediction_type=choice.prediction_type, vae=choice.vae,
+                          kind=kind, device=device, dtype=dtype)
         pipe.source = dataclasses.replace(pipe.source, config=choice.config, overrides=choice.overrides)
     else:
         if not choice.why:
@@ -118,7 +120,10 @@ def load_pipeline(args: argparse.Namespace, recorded: Mapping[str, Any] | None =
         if choice.prediction_type:
             raise ValueError("--prediction-type is a hint for model files that cannot tell; a config says it "
                              "(--set model.diffusion.prediction_type=v)")
-        pipe = LDMPipeline.from_config(choice.config, choice.overrides, seed=choice.seed, device=device, dtype=dtype)
+        cfg = load_config(choice.config, choice.overrides)
+        check_model_kind(cfg, kind, choice.config)
+        pipe = LDMPipeline.from_config(cfg, seed=choice.seed, device=device, dtype=dtype)
+        pipe.source = dataclasses.replace(pipe.source, config=choice.config, overrides=choice.overrides)
         if choice.vae:
             pipe.load_vae(choice.vae)
     pipe.allow_nan = getattr(args, "allow_nan", False)

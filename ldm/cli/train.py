@@ -39,6 +39,10 @@ def main(argv: list[str] | None = None) -> int:
                         resume_with_changes=args.resume_with_changes)
     if path is None:  # interrupted: the state is saved
         return 130
+    if cfg.model.low_res is not None:  # an upscaler
+        print(f"model: {path}")
+        print(f"try:   python tools/upscale.py --ckpt {path} --image SMALL.png --out BIG.png")
+        return 0
     prompt = cfg.train.sample_prompts[0] if cfg.train.sample_prompts else (
         "a large red circle in the center on a white background" if cfg.data.source == "shapes"
         else "a caption like those of your images")

@@ -6,6 +6,14 @@ that turns predictions into training targets or images lives here.
 
 from .denoiser import Denoiser
 from .guidance import CFGDenoiser
+from .lowres import (
+    check_noise_level,
+    low_res_schedule,
+    noise_augment,
+    sample_noise_levels,
+    upscaler_input,
+    upscaler_loss,
+)
 from .objective import (
     PREDICTION_TYPES,
     convert_prediction,
@@ -60,6 +68,12 @@ __all__ = [
     "diffusion_loss",
     "Denoiser",
     "CFGDenoiser",
+    "low_res_schedule",
+    "check_noise_level",
+    "sample_noise_levels",
+    "noise_augment",
+    "upscaler_input",
+    "upscaler_loss",
     "randn_like",
     "ancestral_step",
     "sample_ddpm",

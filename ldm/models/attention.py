@@ -203,11 +203,19 @@ class FeedForward(nn.Module):
 
 
 class BasicTransformerBlock(nn.Module):
-    """Pre-norm self-attention, cross-attention to the context, and feed-forward, each residual."""
+    """Pre-norm self-attention, cross-attention to the context, and feed-forward, each residual.
 
-    def __init__(self, dim: int, heads: int, dim_head: int, context_dim: int, dropout: float = 0.0) -> None:
+    `disable_self_attn` makes the first attention attend to the context as well (the original
+    `disable_self_attn`, used by the x4 upscaler at high resolution where self-attention is costly).
+    """
+
+    def __init__(
+        self, dim: int, heads: int, dim_head: int, context_dim: int, dropout: float = 0.0,
+        disable_self_attn: bool = False,
+    ) -> None:
         super().__init__()
-        self.attn1 = CrossAttention(dim, dim, heads, dim_head, dropout)
+        self.disable_self_attn = disable_self_attn
+        self.attn1 = CrossAttention(dim, context_dim if disable_self_attn else dim, heads, dim_head, dropout)
         self.ff = FeedForward(dim, dropout)
         self.attn2 = CrossAttention(dim, context_dim, heads, dim_head, dropout)
         self.norm1 = nn.LayerNorm(dim)
@@ -220,7 +228,7 @@ class BasicTransformerBlock(nn.Module):
         return maybe_checkpoint(self._forward, x, context, enabled=self.gradient_checkpointing and self.training)
 
     def _forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn1(self.norm1(x))
+        x = x + self.attn1(self.norm1(x), context if self.disable_self_attn else None)
         x = x + self.attn2(self.norm2(x), context)
         return x + self.ff(self.norm3(x))
 
@@ -270,6 +278,7 @@ class SpatialTransformer(nn.Module):
         groups: int,
         use_linear: bool,
         dropout: float = 0.0,
+        disable_self_attn: bool = False,
         position_freqs: int = 0,
     ) -> None:
         super().__init__()
@@ -284,7 +293,7 @@ class SpatialTransformer(nn.Module):
             self.proj_in = nn.Conv2d(channels, inner, 1)
             self.proj_out = zero_module(nn.Conv2d(inner, channels, 1))
         self.transformer_blocks = nn.ModuleList(
-            [BasicTransformerBlock(inner, heads, dim_head, context_dim, dropout) for _ in range(depth)]
+            [BasicTransformerBlock(inner, heads, dim_head, context_dim, dropout, disable_self_attn) for _ in range(depth)]
         )
 
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:

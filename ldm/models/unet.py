@@ -48,6 +48,8 @@ class UNet(nn.Module):
         mc = cfg.model_channels
         emb_ch = 4 * mc
         self.time_embed = nn.Sequential(nn.Linear(mc, emb_ch), nn.SiLU(), nn.Linear(emb_ch, emb_ch))
+        if cfg.num_classes is not None:  # class labels (the upscaler's noise level), added to the time embedding
+            self.label_emb = nn.Embedding(cfg.num_classes, emb_ch)
 
         # Encoder: the input conv, then per level num_res_blocks ResBlocks (+ transformer), then a
         # Downsample except at the last level. Every block's output is a skip for the decoder.
@@ -60,7 +62,7 @@ class UNet(nn.Module):
                 layers: list[nn.Module] = [self._resblock(ch, mult * mc)]
                 ch = mult * mc
                 if factor in cfg.attention_resolutions:
-                    layers.append(self._transformer(ch))
+                    layers.append(self._transformer(ch, level))
                 self.input_blocks.append(UNetBlock(*layers))
                 skip_channels.append(ch)
             if level != last_level:
@@ -68,7 +70,7 @@ class UNet(nn.Module):
                 skip_channels.append(ch)
                 factor *= 2
 
-        self.middle_block = UNetBlock(self._resblock(ch, ch), self._transformer(ch), self._resblock(ch, ch))
+        self.middle_block = UNetBlock(self._resblock(ch, ch), self._transformer(ch, None), self._resblock(ch, ch))
 
         # Decoder: per level num_res_blocks + 1 ResBlocks, each taking one skip, then an Upsample
         # except at the top level.
@@ -78,7 +80,7 @@ class UNet(nn.Module):
                 layers = [self._resblock(ch + skip_channels.pop(), mult * mc)]
                 ch = mult * mc
                 if factor in cfg.attention_resolutions:
-                    layers.append(self._transformer(ch))
+                    layers.append(self._transformer(ch, level))
                 if level != 0 and i == cfg.num_res_blocks:
                     layers.append(Upsample(ch))
                     factor //= 2
@@ -95,7 +97,8 @@ class UNet(nn.Module):
         cfg = self.cfg
         return ResBlock(in_ch, out_ch, 4 * cfg.model_channels, cfg.norm_groups, cfg.dropout)
 
-    def _transformer(self, ch: int) -> SpatialTransformer:
+    def _transformer(self, ch: int, level: int | None) -> SpatialTransformer:
+        """The transformer of a level (None: the middle block, which always keeps self-attention)."""
         cfg = self.cfg
         if cfg.num_head_channels is not None:
             heads, dim_head = ch // cfg.num_head_channels, cfg.num_head_channels
@@ -110,7 +113,8 @@ class UNet(nn.Module):
             cfg.norm_groups,
             cfg.use_linear_in_transformer,
             cfg.dropout,
-            cfg.position_embedding_freqs,
+            disable_self_attn=level is not None and cfg.self_attention_disabled(level),
+            position_freqs=cfg.position_embedding_freqs,
         )
 
     def set_gradient_checkpointing(self, enabled: bool) -> None:
@@ -119,9 +123,12 @@ class UNet(nn.Module):
             if isinstance(m, (ResBlock, BasicTransformerBlock)):
                 m.gradient_checkpointing = enabled
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor | float, context: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, t: torch.Tensor | float, context: torch.Tensor, y: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """x: (B, in_channels, H, W) latents of any H, W; t: timesteps, (B,) or a scalar (float
-        allowed); context: (B, L, context_dim). Returns (B, out_channels, H, W) in x's dtype."""
+        allowed); context: (B, L, context_dim); y: (B,) integer class labels, given exactly when the
+        U-Net has `num_classes` (the upscaler's noise level). Returns (B, out_channels, H, W) in x's dtype."""
         b = x.shape[0]
         t = torch.as_tensor(t, device=x.device, dtype=torch.float32)
         if t.ndim == 0:
@@ -130,6 +137,15 @@ class UNet(nn.Module):
             raise ValueError(f"timesteps must be a scalar or have shape ({b},) to match x; got {tuple(t.shape)}")
         dtype = self.time_embed[0].weight.dtype
         emb = self.time_embed(timestep_embedding(t, self.cfg.model_channels).to(dtype))  # (B, 4 * mc)
+        if (y is None) != (self.cfg.num_classes is None):
+            raise ValueError(
+                "this U-Net takes class labels y (B,) (an upscaler's noise level)" if y is None
+                else "this U-Net has no class embedding (unet.num_classes is null); do not pass y"
+            )
+        if y is not None:
+            if y.shape != (b,):
+                raise ValueError(f"class labels y must have shape ({b},) to match x; got {tuple(y.shape)}")
+            emb = emb + self.label_emb(y.to(x.device, torch.long)).to(dtype)  # (B, 4 * mc)
         context = context.to(dtype)
 
         h = x.to(dtype)

@@ -1,9 +1,10 @@
 """LDMPipeline: text (and an image, and a mask) -> latents -> images.
 
 `generate`, `img2img` and `inpaint` read as the same numbered stages (check inputs, encode prompts,
-prepare the starting latents, sample, decode), written once in `stages.py`; loading and saving
-are in `loading.py`. The networks stay ignorant of the noise math (that lives in `ldm.diffusion`),
-and the sampler is picked by name from a registry of functions that share one signature.
+prepare the starting latents, sample, decode), written once in `stages.py`; an upscaler model's
+`upscale` is in `upscale.py`, generate's hires fix in `hires.py`; loading and saving are in
+`loading.py`. The networks stay ignorant of the noise math (that lives in `ldm.diffusion`), and the
+sampler is picked by name from a registry of functions that share one signature.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from ..config import Config, DiffusionConfig, ModelConfig, SampleConfig
+from ..config import Config, DiffusionConfig, LowResConfig, ModelConfig, SampleConfig
 from ..devices import parse_dtype
 from ..diffusion import Schedule, sigmas_from_schedule
 from ..diffusion.blending import KnownRegionDenoiser
@@ -31,18 +32,22 @@ from ..options import check_negatives, check_prompts
 from ..png_settings import settings_from_png
 from ..speed import FastUNet, FastVAE, SpeedConfig, optimize_unet, optimize_vae, speed_config
 from .adapters import AdapterMethods
+from .hires import UPSCALER_MODEL, HiresPass
 from .loading import Loading
 from .stages import Generators, Stages, StepCallback
+from .upscale import Upscaling
 
 
-class LDMPipeline(Loading, Stages, AdapterMethods):
+class LDMPipeline(Loading, Stages, AdapterMethods, Upscaling):
     """A latent text-to-image diffusion model: VAE, U-Net, text encoder and noise schedule.
 
     Build it from components, from a config (random weights), or from a saved model file.
     LoRAs and textual-inversion embeddings load onto it (`adapters.py`).
-    The sampling keywords of `generate`, `img2img` and `inpaint` (steps, cfg, sampler, seed,
-    num_images, spacing, eta, guidance_rescale, and height/width for generate) are the fields of
-    `ldm.options.SamplingOptions`; None takes the model's default (`pipe.defaults`).
+    The sampling keywords of `generate`, `img2img`, `inpaint` and `upscale` (steps, cfg, sampler,
+    seed, num_images, spacing, eta, guidance_rescale, prompt_weighting, and height/width and hires
+    fix for generate) are the fields of `ldm.options.SamplingOptions`; None takes the model's
+    default (`pipe.defaults`). With `low_res` (an upscaler's low-resolution input,
+    `ModelConfig.low_res`) it is a latent upscaler: `upscale` instead of `generate`.
     """
 
     def __init__(
@@ -53,6 +58,7 @@ class LDMPipeline(Loading, Stages, AdapterMethods):
         diffusion: DiffusionConfig | None = None,
         *,
         defaults: SampleConfig | None = None,
+        low_res: LowResConfig | None = None,
     ):
         self.vae = vae
         self.unet = unet
@@ -60,7 +66,7 @@ class LDMPipeline(Loading, Stages, AdapterMethods):
         self.diffusion = diffusion or DiffusionConfig()
         self.defaults = defaults or SampleConfig()
         self.model_config = ModelConfig(
-            unet=unet.cfg, vae=vae.cfg, text_encoder=text_encoder.cfg, diffusion=self.diffusion
+            unet=unet.cfg, vae=vae.cfg, text_encoder=text_encoder.cfg, diffusion=self.diffusion, low_res=low_res
         )
         self.model_config.validate()
         self.schedule = Schedule.from_config(self.diffusion)
@@ -133,6 +139,7 @@ class LDMPipeline(Loading, Stages, AdapterMethods):
         negative_prompt: str | list[str] | None = None,
         *,
         generator: Generators = None,
+        upscaler: LDMPipeline | None = None,
         output_type: str = "pil",
         progress: bool = True,
         callback: StepCallback | None = None,
@@ -141,20 +148,25 @@ class LDMPipeline(Loading, Stages, AdapterMethods):
         """Generate `num_images` images per prompt.
 
         `options`: steps, cfg, sampler, seed, height, width, num_images, spacing, eta,
-        guidance_rescale, prompt_weighting (see `SamplingOptions`). Prompts use A1111's syntax
-        (`(word:1.3)`, `[word]`, BREAK; see `ldm.prompts`) unless `prompt_weighting=False`, and may be
-        longer than the text encoder's context (encoded in chunks). Image k of the batch
-        (prompt-major order) is seeded with `seed + k`, so it equals a single-image run with that
-        seed (for prompts of one chunk count: shorter prompts of a batch are padded with empty
-        chunks). Returns PIL images (with prompt, seed and settings in `image.info`) or, with
-        `output_type="tensor"`, a (B, 3, H, W) tensor in [0, 1].
+        guidance_rescale, prompt_weighting, and hires fix's hires_scale, strength, hires_steps,
+        hires_upscaler (see `SamplingOptions` and `hires.py`; `upscaler` is the upscaler model that
+        hires_upscaler names). Prompts use A1111's syntax (`(word:1.3)`, `[word]`, BREAK; see
+        `ldm.prompts`) unless `prompt_weighting=False`, and may be longer than the text encoder's
+        context (encoded in chunks). Image k of the batch (prompt-major order) is seeded with
+        `seed + k`, so it equals a single-image run with that seed (for prompts of one chunk count:
+        shorter prompts of a batch are padded with empty chunks). Returns PIL images (with prompt,
+        seed and settings in `image.info`) or, with `output_type="tensor"`, a (B, 3, H, W) tensor
+        in [0, 1].
         """
         # 1. check inputs: every mistake is reported before any work is done
+        if upscaler is not None and options.get("hires_scale") is not None:
+            options.setdefault("hires_upscaler", UPSCALER_MODEL)
         opts = self._options("generate", options, output_type, prompt=prompt, negative_prompt=negative_prompt)
         prompts = check_prompts(opts.prompt)
         negatives = check_negatives(opts.negative_prompt, len(prompts))
         self._check_size(opts.height, opts.width)
-        self._require_plain_unet("generate")
+        self._check_unet_kind("generate")
+        hires = HiresPass.plan(self, opts, upscaler)
         sigmas = sigmas_from_schedule(self.schedule, opts.steps, opts.spacing)
         generators, seeds = self._generators(opts.seed, generator, len(prompts) * opts.num_images)
 
@@ -167,7 +179,12 @@ class LDMPipeline(Loading, Stages, AdapterMethods):
         # 4. sample
         latents = self._sample(opts, x, sigmas, cond, uncond, generators, progress, callback)
 
-        # 5. decode
+        # 5. hires fix: upscale and redraw at the larger size
+        if hires is not None:
+            latents = hires.redraw(self, latents, opts, (prompts, negatives), (cond, uncond), seeds, generators,
+                                   progress, callback)
+
+        # 6. decode
         return self._output(self._decode(latents), output_type, opts, prompts, negatives, seeds)
 
     @torch.inference_mode()
@@ -203,7 +220,7 @@ class LDMPipeline(Loading, Stages, AdapterMethods):
         self._check_size(*pixels.shape[-2:], what="image ")
         prompts, (pixels,) = self._broadcast(prompts, pixels)
         negatives = check_negatives(opts.negative_prompt, len(prompts))
-        self._require_plain_unet("img2img")
+        self._check_unet_kind("img2img")
         opts = opts.replace(height=pixels.shape[-2], width=pixels.shape[-1])
         sigmas = self._strength_sigmas(opts)
         generators, seeds = self._generators(opts.seed, generator, len(prompts) * opts.num_images)
@@ -261,6 +278,7 @@ class LDMPipeline(Loading, Stages, AdapterMethods):
             )
         prompts, (pixels, masks) = self._broadcast(prompts, pixels, masks)
         negatives = check_negatives(opts.negative_prompt, len(prompts))
+        self._check_unet_kind("inpaint")
         opts = opts.replace(height=pixels.shape[-2], width=pixels.shape[-1])
         sigmas = self._strength_sigmas(opts)
         generators, seeds = self._generators(opts.seed, generator, len(prompts) * opts.num_images)

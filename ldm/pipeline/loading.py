@@ -49,7 +49,7 @@ class Loading:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             unet, vae, text_encoder = build_models(cfg.model)
-        pipe = cls(vae, unet, text_encoder, cfg.model.diffusion, defaults=cfg.sample)
+        pipe = cls(vae, unet, text_encoder, cfg.model.diffusion, defaults=cfg.sample, low_res=cfg.model.low_res)
         pipe.source = ModelSource(format="config", config=None if isinstance(config, Config) else str(config),
                                   overrides=tuple(overrides), seed=seed)
         return pipe.to(device, dtype)
@@ -59,7 +59,8 @@ class Loading:
         """A pipeline whose networks hold exactly `state.parts`' tensors (built on the meta device: no
         random init, no second copy; see `ldm.build.build_from_state` for `device` and `dtype`)."""
         unet, vae, text_encoder = build_from_state(state, device=device, dtype=dtype)
-        return cls(vae, unet, text_encoder, state.config.model.diffusion, defaults=state.config.sample)
+        model = state.config.model
+        return cls(vae, unet, text_encoder, model.diffusion, defaults=state.config.sample, low_res=model.low_res)
 
     @classmethod
     def load(cls, path: str | Path, fmt: str | None = None, *, config: str | Path | Config | None = None,

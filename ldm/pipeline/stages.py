@@ -1,4 +1,4 @@
-"""The stages `generate`, `img2img` and `inpaint` share: checking a call's options and inputs, encoding
+"""The stages `generate`, `img2img`, `inpaint` and `upscale` share: checking a call's options and inputs, encoding
 prompts, drawing the starting noise, sampling with the guided denoiser, decoding, and the output.
 
 `Stages` is a base class of `LDMPipeline`; its methods use the pipeline's networks and schedule.
@@ -23,8 +23,15 @@ from .source import ModelSource
 
 MAX_SEED = 2**63 - 1
 OUTPUT_TYPES = ("pil", "tensor")
-# The sampling options each method has no use for (img2img and inpaint draw at their image's size).
-NOT_TAKEN = {"generate": ("strength",), "img2img": ("height", "width"), "inpaint": ("height", "width")}
+# The sampling options each method has no use for (img2img, inpaint and upscale draw at their image's
+# size; hires fix is generate's; the noise level is the upscaler's input).
+HIRES = ("hires_scale", "hires_steps", "hires_upscaler")
+NOT_TAKEN = {
+    "generate": ("noise_level",),
+    "img2img": ("height", "width", "noise_level", *HIRES),
+    "inpaint": ("height", "width", "noise_level", *HIRES),
+    "upscale": ("height", "width", "strength", *HIRES),
+}
 
 # Called after every sampler step with (step index, x, denoised x0).
 StepCallback = Callable[[int, torch.Tensor, torch.Tensor], None]
@@ -53,21 +60,40 @@ class Stages:
             raise TypeError(f"{method}() got an unexpected keyword argument {unknown[0]!r}; "
                             f"its sampling options are {', '.join(takes)}")
         opts = SamplingOptions(**given, **options)
+        taken = [n for n in NOT_TAKEN[method] if getattr(opts, n) is not None]
         if method == "generate":
-            if opts.strength is not None:
-                raise ValueError(f"strength applies to img2img and inpaint, not generate (got {opts.strength!r})")
+            if opts.strength is not None and opts.hires_scale is None:
+                raise ValueError(f"strength applies to img2img, inpaint and hires fix (with hires_scale), not plain "
+                                 f"generate (got {opts.strength!r})")
             opts = opts.replace(height=self.defaults.height if opts.height is None else opts.height,
                                 width=self.defaults.width if opts.width is None else opts.width)
         elif opts.height is not None or opts.width is not None:
             raise ValueError(f"{method} draws at the size of its image (got height={opts.height!r}, "
                              f"width={opts.width!r}); resize or crop the image instead")
+        if taken:
+            raise ValueError(f"{taken[0]} does not apply to {method} (got {getattr(opts, taken[0])!r})")
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type must be 'pil' or 'tensor' (got {output_type!r})")
         return opts.resolved(self.defaults)
 
-    def _require_plain_unet(self, method: str) -> None:
-        """generate and img2img need a U-Net that takes latents only."""
-        if self.model_config.inpainting:
+    def _check_unet_kind(self, method: str) -> None:
+        """generate and img2img need a U-Net that takes latents only; inpaint also takes an inpainting
+        U-Net; upscale needs an upscaler."""
+        if method == "upscale":
+            if not self.model_config.is_upscaler:
+                raise ValueError(
+                    "this model is not an upscaler (it has no model.low_res section); load an upscaler such as the SD "
+                    "x4 upscaler, or make a text-to-image model's images larger with hires fix (hires_scale=2, "
+                    "txt2img --hires-scale 2)"
+                )
+            return
+        if self.model_config.is_upscaler:
+            raise ValueError(
+                f"this model is an upscaler (its U-Net takes the latents beside a low-resolution image): use "
+                f"pipe.upscale(image, prompt) instead of {method}, or pass it to a text-to-image model's hires "
+                "fix as the upscaler"
+            )
+        if self.model_config.inpainting and method != "inpaint":
             raise ValueError(
                 f"this U-Net takes {self.unet.cfg.in_channels} input channels (an inpainting model); "
                 f"use pipe.inpaint(image, mask, prompt) instead of {method}"
@@ -174,10 +200,11 @@ class Stages:
             return x  # nothing to sample (strength 0)
         dtype = self.dtype
 
-        def unet(x_t: torch.Tensor, t: torch.Tensor, context: torch.Tensor, c_concat=None) -> torch.Tensor:
-            if c_concat is not None:  # inpainting U-Net: extra input channels beside the noisy latents
+        def unet(x_t: torch.Tensor, t: torch.Tensor, context: torch.Tensor, c_concat=None, y=None) -> torch.Tensor:
+            if c_concat is not None:  # inpainting and upscaler U-Nets: extra input channels beside the noisy latents
                 x_t = torch.cat([x_t, c_concat.to(x_t.dtype)], dim=1)
-            return self.fast_unet(x_t.to(dtype), t, context)  # sampler state stays fp32; the U-Net runs in its dtype
+            # sampler state stays fp32; the U-Net runs in its dtype. y: an upscaler's noise level
+            return self.fast_unet(x_t.to(dtype), t, context, y)
 
         denoiser = Denoiser(unet, self.schedule, self.diffusion.prediction_type)
         denoiser = CFGDenoiser(denoiser, opts.cfg, opts.guidance_rescale)
@@ -245,8 +272,10 @@ class Stages:
         prompts: list[str],
         negatives: list[str],
         seeds: list[int | None],
+        extra: dict[str, Any] | None = None,
     ) -> list[Image.Image] | torch.Tensor:
-        """The images as a tensor, or as PIL images that each record their own options in `image.info`."""
+        """The images as a tensor, or as PIL images that each record their own options in `image.info`
+        (and `extra`: what else decided them, such as an upscale's tile size)."""
         if output_type == "tensor":
             return images
         out = []
@@ -254,6 +283,6 @@ class Stages:
             pil = to_pil(img)
             p = k // opts.num_images
             one = opts.replace(prompt=prompts[p], negative_prompt=negatives[p], seed=seeds[k], num_images=1)
-            pil.info.update(one.image_info())
+            pil.info.update(one.image_info(), **(extra or {}))
             out.append(pil)
         return out

@@ -241,7 +241,8 @@ class LDMTrainer(Trainer):
             unet, _, text_encoder = build_models(self.cfg.model)
         unet.load_state_dict(whole["unet"])
         text_encoder.load_state_dict(whole["text_encoder"])
-        pipe = LDMPipeline(self.vae, unet, text_encoder, self.cfg.model.diffusion, defaults=self.cfg.sample)
+        pipe = LDMPipeline(self.vae, unet, text_encoder, self.cfg.model.diffusion, defaults=self.cfg.sample,
+                            low_res=self.cfg.model.low_res)
         return pipe.to(acc.device)
 
     def sample_grid(self) -> Path | None:

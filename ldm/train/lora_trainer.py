@@ -93,7 +93,8 @@ class LoRATrainer(LDMTrainer):
         if not t.init_from:
             raise ValueError("train.lora needs a base model to adapt: set train.init_from to a model file (ours, an "
                              "original SD .safetensors/.ckpt) or a diffusers folder")
-        base = load_model(t.init_from)  # its own architecture and VAE; the config's model section is not used
+        # its own architecture and VAE; the config's model section is not used
+        base = load_model(t.init_from, kind="text-to-image")
         if base.model_config.inpainting:
             raise ValueError(f"{t.init_from} is an inpainting model ({base.unet.cfg.in_channels} input channels); "
                              "LoRA training needs a text-to-image base model")

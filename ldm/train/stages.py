@@ -1,6 +1,7 @@
 """Both stages from one config: stage 1 trains the VAE when `train.vae_checkpoint` is missing, on
-the data stage 2 reads, then stage 2 trains the latent diffusion model on it (or, with
-`train.lora.rank`, LoRA adapters on the base model `train.init_from`, which needs no stage 1).
+the data stage 2 reads, then stage 2 trains the latent diffusion model on it (a text-to-image
+model, or an upscaler when the config has a `model.low_res` section; or, with `train.lora.rank`,
+LoRA adapters on the base model `train.init_from`, which needs no stage 1).
 
 Which data stage 1 reads: the VAE config (`train.vae_config`) with the stage-2 run's `data`
 carried over, except the `data` keys the VAE config file sets itself (and `caption_dropout`, which
@@ -71,6 +72,7 @@ def train_stages(cfg: Config, overrides: Sequence[str] = (), *, resume: bool = F
     `resume_with_changes` apply to each stage as `ldm.train.folder` says."""
     from .ldm_trainer import LDMTrainer
     from .lora_trainer import LoRATrainer
+    from .upscaler_trainer import UpscalerTrainer
     from .vae_trainer import VAETrainer
 
     check_data(cfg.data)  # bad data fails now, not after stage 1
@@ -94,8 +96,9 @@ def train_stages(cfg: Config, overrides: Sequence[str] = (), *, resume: bool = F
             log(f"stage 1 stopped at step {stage1.step}; run the same command with --resume to continue")
             return None
         resume = False  # stage 2 has not started yet
-    log(f"stage 2: latent diffusion on the VAE {vae_path}")
-    return _finished(LDMTrainer(cfg, resume=resume, **options))
+    upscaler = cfg.model.low_res is not None
+    log(f"stage 2: {'the latent upscaler' if upscaler else 'latent diffusion'} on the VAE {vae_path}")
+    return _finished((UpscalerTrainer if upscaler else LDMTrainer)(cfg, resume=resume, **options))
 
 
 def _finished(trainer) -> Path | None:

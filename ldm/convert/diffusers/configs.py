@@ -12,6 +12,7 @@ from ...config import (
     SD_SCALING_FACTOR,
     Config,
     DiffusionConfig,
+    LowResConfig,
     TextEncoderConfig,
     UNetConfig,
     VAEConfig,
@@ -25,6 +26,7 @@ PREDICTION_TO_DIFFUSERS = {"eps": "epsilon", "v": "v_prediction", "x0": "sample"
 SCHEDULE_TO_DIFFUSERS = {"linear": "linear", "scaled_linear": "scaled_linear", "cosine": "squaredcos_cap_v2"}
 LAYER_NORM_EPS = 1e-5  # every LayerNorm of both text encoders
 UNET_NORM_EPS = 1e-5  # the U-Net's GroupNorms (its transformers' 1e-6 is fixed on both sides)
+UPSCALE_MAX_NOISE_LEVEL = 350  # StableDiffusionUpscalePipeline's default when model_index.json has none
 
 
 def version_of(package: str) -> str:
@@ -62,7 +64,8 @@ def unet_config_to_diffusers(cfg: UNetConfig, sample_size: int = 64) -> dict:
         "down_block_types": ["CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attn],
         "mid_block_type": "UNetMidBlock2DCrossAttn",
         "up_block_types": ["CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attn)],
-        "only_cross_attention": False,
+        "only_cross_attention": list(cfg.disable_self_attentions) if cfg.disable_self_attentions else False,
+        "mid_block_only_cross_attention": False,
         "block_out_channels": channels,
         "layers_per_block": cfg.num_res_blocks,
         "downsample_padding": 1,
@@ -80,7 +83,7 @@ def unet_config_to_diffusers(cfg: UNetConfig, sample_size: int = 64) -> dict:
         "resnet_time_scale_shift": "default",
         "class_embed_type": None,
         "addition_embed_type": None,
-        "num_class_embeds": None,
+        "num_class_embeds": cfg.num_classes,
         "time_embedding_type": "positional",
         "conv_in_kernel": 3,
         "conv_out_kernel": 3,
@@ -109,10 +112,10 @@ def _one(d: Mapping, key: str, where: str, default: object = None) -> object:
 def unet_config_from_diffusers(d: Mapping, where: str = "unet/config.json") -> UNetConfig:
     _require(d, where, {
         "center_input_sample": False, "flip_sin_to_cos": True, "freq_shift": 0,
-        "mid_block_type": "UNetMidBlock2DCrossAttn", "only_cross_attention": False, "downsample_padding": 1,
+        "mid_block_type": "UNetMidBlock2DCrossAttn", "downsample_padding": 1,
         "mid_block_scale_factor": 1, "act_fn": "silu", "norm_eps": UNET_NORM_EPS,
         "resnet_time_scale_shift": "default", "class_embed_type": None, "addition_embed_type": None,
-        "num_class_embeds": None, "time_embedding_type": "positional", "conv_in_kernel": 3,
+        "time_embedding_type": "positional", "conv_in_kernel": 3,
         "conv_out_kernel": 3, "encoder_hid_dim": None, "time_cond_proj_dim": None,
         "dual_cross_attention": False, "attention_type": "default", "time_embedding_dim": None,
         "reverse_transformer_layers_per_block": None,
@@ -127,6 +130,7 @@ def unet_config_from_diffusers(d: Mapping, where: str = "unet/config.json") -> U
     if any(t not in allowed for t in down) or len(up) != len(down):
         raise ConfigError(f"{where}: down_block_types {down} must be CrossAttnDownBlock2D / DownBlock2D")
     attn = [allowed[t] for t in down]
+    disabled = _only_cross_attention(d, len(down), where)
     mirrored = ["CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attn)]
     if up != mirrored:
         raise ConfigError(f"{where}: up_block_types {up} must mirror down_block_types (expected {mirrored})")
@@ -160,9 +164,27 @@ def unet_config_from_diffusers(d: Mapping, where: str = "unet/config.json") -> U
         use_linear_in_transformer=bool(d.get("use_linear_projection", False)),
         norm_groups=d.get("norm_num_groups", 32),
         dropout=float(d.get("dropout", 0.0)),
+        num_classes=d.get("num_class_embeds"),
+        disable_self_attentions=disabled,
     )
     cfg.validate()
     return cfg
+
+
+def _only_cross_attention(d: Mapping, levels: int, where: str) -> tuple[bool, ...]:
+    """diffusers' `only_cross_attention` (a bool, or one per down block) as our per-level
+    disable_self_attentions; the middle block keeps self-attention in our U-Net."""
+    flags = d.get("only_cross_attention", False)
+    mid = d.get("mid_block_only_cross_attention")
+    if mid is None:
+        mid = flags if isinstance(flags, bool) else False  # diffusers' own default
+    if mid:
+        raise ConfigError(f"{where}: mid_block_only_cross_attention=True is not supported (ldm's middle block "
+                          "always has self-attention)")
+    flags = [flags] * levels if isinstance(flags, bool) else list(flags)
+    if len(flags) != levels:
+        raise ConfigError(f"{where}: only_cross_attention {flags} needs one flag per down block ({levels})")
+    return tuple(bool(f) for f in flags) if any(flags) else ()
 
 
 def vae_config_to_diffusers(cfg: VAEConfig, sample_size: int = 512) -> dict:
@@ -271,16 +293,23 @@ def text_config_from_diffusers(
     return cfg
 
 
-def scheduler_config_to_diffusers(cfg: DiffusionConfig) -> dict:
-    """A `DDIMScheduler` config holding our schedule (every diffusers scheduler reads these fields)."""
+def _schedule_fields(cls: str, cfg: DiffusionConfig | LowResConfig) -> dict:
+    """What every diffusers scheduler config says about the betas."""
     return {
-        "_class_name": "DDIMScheduler",
+        "_class_name": cls,
         "_diffusers_version": version_of("diffusers"),
         "num_train_timesteps": cfg.num_timesteps,
         "beta_schedule": SCHEDULE_TO_DIFFUSERS[cfg.beta_schedule],
         "beta_start": cfg.beta_start,
         "beta_end": cfg.beta_end,
         "trained_betas": None,
+    }
+
+
+def scheduler_config_to_diffusers(cfg: DiffusionConfig) -> dict:
+    """A `DDIMScheduler` config holding our schedule (every diffusers scheduler reads these fields)."""
+    return {
+        **_schedule_fields("DDIMScheduler", cfg),
         "prediction_type": PREDICTION_TO_DIFFUSERS[cfg.prediction_type],
         "rescale_betas_zero_snr": cfg.zero_terminal_snr,
         # zero-terminal-SNR models must start sampling at the last timestep (Lin et al. 2024, sec. 3.3)
@@ -289,6 +318,31 @@ def scheduler_config_to_diffusers(cfg: DiffusionConfig) -> dict:
         "clip_sample": False,
         "set_alpha_to_one": False,
     }
+
+
+def low_res_scheduler_config_to_diffusers(cfg: LowResConfig) -> dict:
+    """The `DDPMScheduler` of StableDiffusionUpscalePipeline, which noises the low-resolution image."""
+    return {
+        **_schedule_fields("DDPMScheduler", cfg),
+        "prediction_type": "epsilon",
+        "variance_type": "fixed_small",
+        "clip_sample": False,
+    }
+
+
+def low_res_config_from_diffusers(d: Mapping, max_noise_level: int, stored: LowResConfig | None,
+                                  where: str = "low_res_scheduler/scheduler_config.json") -> LowResConfig:
+    """Our low_res section from an upscale folder's low-res scheduler and its `max_noise_level`
+    (in model_index.json); the sampling default noise level from our stored config when present."""
+    schedule = scheduler_config_from_diffusers({**d, "prediction_type": "epsilon"}, where)
+    cfg = LowResConfig(
+        beta_schedule=schedule.beta_schedule, beta_start=schedule.beta_start, beta_end=schedule.beta_end,
+        num_timesteps=schedule.num_timesteps, max_noise_level=max_noise_level,
+    )
+    if stored is not None and stored.noise_level <= max_noise_level:
+        cfg.noise_level = stored.noise_level
+    cfg.validate()
+    return cfg
 
 
 def scheduler_config_from_diffusers(d: Mapping, where: str = "scheduler/scheduler_config.json") -> DiffusionConfig:
@@ -320,9 +374,12 @@ def diffusers_configs(config: Config) -> dict[str, dict]:
     """Our whole config -> {"unet": ..., "vae": ..., "text_encoder": ..., "scheduler": ...}."""
     m = config.model
     image = config.sample.height
-    return {
+    configs = {
         "unet": unet_config_to_diffusers(m.unet, image // m.vae.downsample_factor),
         "vae": vae_config_to_diffusers(m.vae, image),
         "text_encoder": text_config_to_diffusers(m.text_encoder),
         "scheduler": scheduler_config_to_diffusers(m.diffusion),
     }
+    if m.low_res is not None:  # StableDiffusionUpscalePipeline: + low_res_scheduler
+        configs["low_res_scheduler"] = low_res_scheduler_config_to_diffusers(m.low_res)
+    return configs

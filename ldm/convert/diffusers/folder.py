@@ -37,7 +37,9 @@ from ...config import Config, ModelConfig, SampleConfig, TextEncoderConfig, from
 from ...errors import CheckpointError, ConfigError
 from ...models.tokenizer import BOS_TOKEN, EOS_TOKEN, CLIPTokenizer
 from .configs import (
+    UPSCALE_MAX_NOISE_LEVEL,
     diffusers_configs,
+    low_res_config_from_diffusers,
     scheduler_config_from_diffusers,
     text_config_from_diffusers,
     unet_config_from_diffusers,
@@ -195,9 +197,16 @@ def read_diffusers_config(folder: str | Path) -> Config:
         text_cfg, kind=_text_kind(folder, stored, extra, text_cfg), extra_layers=_extra_layers(extra)
     )
     diffusion = scheduler_config_from_diffusers(_read_json(folder / "scheduler" / "scheduler_config.json"))
+    low_res = None
+    if "low_res_scheduler" in index:  # StableDiffusionUpscalePipeline
+        low_res = low_res_config_from_diffusers(
+            _read_json(folder / "low_res_scheduler" / "scheduler_config.json"),
+            index.get("max_noise_level", UPSCALE_MAX_NOISE_LEVEL),
+            stored.model.low_res if stored is not None else None,
+        )
     image = int(vae_json.get("sample_size", unet.downsample_factor * 64) or 512)
     derived = Config(
-        model=ModelConfig(unet=unet, vae=vae, text_encoder=text, diffusion=diffusion),
+        model=ModelConfig(unet=unet, vae=vae, text_encoder=text, diffusion=diffusion, low_res=low_res),
         sample=SampleConfig(height=image, width=image),
     )
     derived.validate()
@@ -282,12 +291,25 @@ def _read_extra(folder: Path, cfg: TextEncoderConfig, keys: list[str]) -> Tensor
 
 
 def _model_index(config: Config) -> dict:
+    """model_index.json: StableDiffusionUpscalePipeline's components for an upscaler, else those of the
+    (inpainting) text-to-image pipeline."""
+    if config.model.low_res is not None:
+        own = {
+            "_class_name": "StableDiffusionUpscalePipeline",
+            "low_res_scheduler": ["diffusers", "DDPMScheduler"],
+            "max_noise_level": config.model.low_res.max_noise_level,
+            "watermarker": [None, None],
+        }
+    else:
+        own = {
+            "_class_name": "StableDiffusionInpaintPipeline" if config.model.inpainting else "StableDiffusionPipeline",
+            "image_encoder": [None, None],
+            "requires_safety_checker": False,
+        }
     return {
-        "_class_name": "StableDiffusionInpaintPipeline" if config.model.inpainting else "StableDiffusionPipeline",
+        **own,
         "_diffusers_version": version_of("diffusers"),
         "feature_extractor": [None, None],
-        "image_encoder": [None, None],
-        "requires_safety_checker": False,
         "safety_checker": [None, None],
         "scheduler": ["diffusers", "DDIMScheduler"],
         "text_encoder": ["transformers", "CLIPTextModel"],
@@ -333,8 +355,10 @@ def write_diffusers(state: ModelState, folder: str | Path) -> Path:
                     "and logit_scale), under ldm's own key names; diffusers and transformers ignore this file"
                 )
                 save_file(extra, str(sub / EXTRA_FILE), metadata={"format": "pt", "about": about})
-        (tmp / "scheduler").mkdir()
-        (tmp / "scheduler" / "scheduler_config.json").write_text(json.dumps(configs["scheduler"], indent=2))
+        for name in ("scheduler", "low_res_scheduler"):
+            if name in configs:
+                (tmp / name).mkdir()
+                (tmp / name / "scheduler_config.json").write_text(json.dumps(configs[name], indent=2))
         write_tokenizer(tmp / "tokenizer", m.text_encoder.kind)
         (tmp / "model_index.json").write_text(json.dumps(_model_index(config), indent=2))
     return folder

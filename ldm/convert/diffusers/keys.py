@@ -72,6 +72,8 @@ def unet_module_map(cfg: UNetConfig) -> dict[str, str]:
         "out.0": "conv_norm_out",
         "out.2": "conv_out",
     }
+    if cfg.num_classes is not None:
+        m["label_emb"] = "class_embedding"
 
     def resnet(ours: str, theirs: str) -> None:
         m.update({f"{ours}.{a}": f"{theirs}.{b}" for a, b in _UNET_RESNET.items()})

@@ -5,7 +5,8 @@ Three steps in, each usable on its own:
 - `read_checkpoint(path)` (`reader`): the file's tensors, memory-mapped (no copy in RAM). Pickles
   are opened with `weights_only=True` only, unless the caller says it trusts the file.
 - `detect_config(state_dict)` (`detect`): the architecture, read from tensor shapes, with the family
-  conventions for what shapes cannot tell (head counts, noise schedule, latent scale).
+  conventions for what shapes cannot tell (head counts, noise schedule, latent scale; the x4
+  upscaler's in `upscaler`).
 - `read_single_file(path)` (`load`): sorts every tensor of the file into network weights,
   noise-schedule buffers, EMA copies and training leftovers, handles each kind explicitly, and
   returns a `ModelState` (config + network states) that `LDMPipeline.from_single_file` builds on

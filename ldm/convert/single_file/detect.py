@@ -1,7 +1,8 @@
 """The architecture of an original Stable Diffusion state dict, read from its tensor shapes.
 
-Sizes come from shapes (SD 1.x, SD 2.x, inpainting, and smaller models saved in the same layout);
-what shapes cannot tell (head counts, noise schedule, latent scale) follows the family conventions.
+Sizes come from shapes (SD 1.x, SD 2.x, inpainting, the x4 upscaler, and smaller models saved in the
+same layout); what shapes cannot tell (head counts, noise schedule, latent scale) follows the family
+conventions (the x4 upscaler's are in `upscaler.py`).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from ...config import (
     VAEConfig,
 )
 from ...errors import CheckpointError, ConfigError
+from . import upscaler
 
 # Family conventions for what tensors cannot tell.
 SD1_NUM_HEADS = 8  # SD 1.x U-Net: 8 heads at every level
@@ -86,12 +88,12 @@ def _detect_unet(sd: Mapping[str, Tensor], family: str) -> UNetConfig:
 
     # input_blocks 1..: per level, ResBlocks (optionally with a SpatialTransformer), then a
     # Downsample (`op`) except at the last level.
-    levels: list[dict] = [{"blocks": 0, "ch": None, "attn": False}]
+    levels: list[dict] = [{"blocks": 0, "ch": None, "attn": False, "attn1_in": None}]
     depth, proj_in, context_dim = None, None, None
     for i in _indices(keys, p + "input_blocks.")[1:]:
         b = f"{p}input_blocks.{i}."
         if b + "0.op.weight" in sd:
-            levels.append({"blocks": 0, "ch": None, "attn": False})
+            levels.append({"blocks": 0, "ch": None, "attn": False, "attn1_in": None})
             continue
         out = _need(sd, b + "0.out_layers.3.weight", f"U-Net block input_blocks.{i}").shape[0]
         level = levels[-1]
@@ -102,6 +104,7 @@ def _detect_unet(sd: Mapping[str, Tensor], family: str) -> UNetConfig:
             depth = len(_indices(keys, b + "1.transformer_blocks."))
             proj_in = sd[b + "1.proj_in.weight"]
             context_dim = sd[b + "1.transformer_blocks.0.attn2.to_k.weight"].shape[1]
+            level["attn1_in"] = sd[b + "1.transformer_blocks.0.attn1.to_k.weight"].shape[1]
     mid = p + "middle_block.1."
     if depth is None:  # no attention outside the middle block
         depth = len(_indices(keys, mid + "transformer_blocks."))
@@ -119,6 +122,11 @@ def _detect_unet(sd: Mapping[str, Tensor], family: str) -> UNetConfig:
             raise CheckpointError(f"U-Net level width {lv['ch']} is not a multiple of model_channels {mc}")
         mults.append(lv["ch"] // mc)
     attention = tuple(sorted((2**i for i, lv in enumerate(levels) if lv["attn"]), reverse=True))
+    # A first attention whose keys come from the context, not the level's features, is the
+    # original's disable_self_attentions (the x4 upscaler). Where the level is as wide as the
+    # context the shapes cannot tell, and self-attention (the common layout) is assumed.
+    disabled = tuple(lv["attn1_in"] is not None and lv["attn1_in"] != lv["ch"] for lv in levels)
+    label_emb = sd.get(p + "label_emb.weight")
     heads = {"num_heads": SD1_NUM_HEADS, "num_head_channels": None}
     if family == "sd2":
         heads = {"num_heads": None, "num_head_channels": SD2_HEAD_DIM}
@@ -133,6 +141,8 @@ def _detect_unet(sd: Mapping[str, Tensor], family: str) -> UNetConfig:
         context_dim=context_dim,
         use_linear_in_transformer=proj_in.ndim == 2,
         norm_groups=NORM_GROUPS,
+        num_classes=None if label_emb is None else label_emb.shape[0],
+        disable_self_attentions=disabled if any(disabled) else (),
         **heads,
     )
 
@@ -251,13 +261,14 @@ def detect_config(
         )
     check_prediction_type(prediction_type)
     assumed = prediction_type is None
-    prediction_type = prediction_type or "eps"
     cfg = ModelConfig(
         unet=_detect_unet(state_dict, family),
         vae=detect_vae_config(state_dict),
         text_encoder=_detect_text(state_dict, family),
-        diffusion=DiffusionConfig(prediction_type=prediction_type),
+        diffusion=DiffusionConfig(prediction_type=prediction_type or "eps"),
     )
+    if upscaler.is_upscaler_state(state_dict):  # the SD x4 upscaler: its own conventions (v prediction)
+        cfg, family = upscaler.x4_conventions(cfg, prediction_type), "x4"
     try:
         cfg.validate()
     except ConfigError as e:
@@ -273,10 +284,15 @@ def _report(cfg: ModelConfig, family: str, assumed: bool) -> str:
     name = {
         "sd1": "Stable Diffusion 1.x layout (CLIP text model)",
         "sd2": "Stable Diffusion 2.x layout (OpenCLIP text tower)",
+        "x4": "Stable Diffusion x4 upscaler layout (OpenCLIP text tower)",
     }[family]
     kind = "inpainting (latents + masked-image latents + mask)" if cfg.inpainting else "text-to-image"
+    if cfg.low_res is not None:
+        kind = "upscaler (latents + noise-augmented low-resolution image)"
     heads = f"{u.num_heads} heads" if u.num_heads else f"heads of {u.num_head_channels} channels"
     how = "assumed: the weights cannot tell; pass prediction_type='v' for 768-v models" if assumed else "as given"
+    if assumed and cfg.low_res is not None:
+        how = "family convention"
     pred = f"{d.prediction_type} ({how})"
     return "\n".join(
         [
@@ -291,5 +307,6 @@ def _report(cfg: ModelConfig, family: str, assumed: bool) -> str:
             f"{t.layer} layer",
             f"  diffusion: {d.beta_schedule} {d.beta_start}..{d.beta_end} over {d.num_timesteps} steps (family "
             f"convention), prediction type {pred}",
+            *(upscaler.describe_upscaler(cfg) if cfg.low_res is not None else []),
         ]
     )

@@ -15,9 +15,10 @@ from torch import Tensor
 
 from ...build import ModelState
 from ...checkpoint import PREFIXES
-from ...config import Config, DiffusionConfig, SampleConfig, load_config
+from ...config import Config, DiffusionConfig, ModelConfig, SampleConfig, load_config
 from ...diffusion.schedule import Schedule
 from ...errors import CheckpointError
+from . import upscaler
 from .detect import check_prediction_type, detect_config
 from .layouts import standard_layout
 from .reader import read_checkpoint
@@ -25,17 +26,11 @@ from .reader import read_checkpoint
 log = logging.getLogger(__name__)
 
 # Buffers of the original `LatentDiffusion` that describe the noise schedule (all derived from
-# `betas`), and its per-timestep log-variance. None of them is a network weight.
+# `betas`: the forward process's, which an upscaler's low_scale_model.* repeats, and the
+# posterior's), and its per-timestep log-variance. None of them is a network weight.
 SCHEDULE_BUFFERS = frozenset(
     {
-        "betas",
-        "alphas_cumprod",
-        "alphas_cumprod_prev",
-        "sqrt_alphas_cumprod",
-        "sqrt_one_minus_alphas_cumprod",
-        "log_one_minus_alphas_cumprod",
-        "sqrt_recip_alphas_cumprod",
-        "sqrt_recipm1_alphas_cumprod",
+        *upscaler.LOW_SCALE_BUFFERS,
         "posterior_variance",
         "posterior_log_variance_clipped",
         "posterior_mean_coef1",
@@ -134,6 +129,24 @@ def _check_schedule(found: Mapping[str, Tensor], cfg: DiffusionConfig, path: Pat
     return f"file's {' and '.join(checked)} match the schedule" if checked else None
 
 
+def _check_low_scale(buffers: Mapping[str, Tensor], cfg: ModelConfig, path: Path) -> str:
+    """The upscaler's `low_scale_model.*` buffers: known names, and the schedule of `cfg.low_res`."""
+    if cfg.low_res is None:
+        raise CheckpointError(
+            f"{path} holds an upscaler's low-resolution buffers ({upscaler.LOW_SCALE_PREFIX}*) but the config "
+            "describes no upscaler; add a model.low_res section, or load it without config=... to detect it"
+        )
+    unknown = sorted(k for k in buffers if k not in upscaler.LOW_SCALE_BUFFERS)
+    if unknown:
+        names = ", ".join(upscaler.LOW_SCALE_PREFIX + k for k in unknown)
+        raise CheckpointError(f"{path}: unknown low-resolution buffers {names}")
+    try:
+        checked = _check_schedule(buffers, upscaler.low_res_as_diffusion(cfg.low_res), path)
+    except CheckpointError as e:
+        raise CheckpointError(f"{e} (this is the schedule of the low-resolution input: model.low_res)") from None
+    return f"  low-resolution input: {checked or 'schedule buffers present'} ({len(buffers)} buffers, not loaded)"
+
+
 def read_single_file_config(path: str | Path, *, prediction_type: str | None = None,
                             config: str | Path | Config | None = None, trust_pickle: bool = False) -> Config:
     """The config `read_single_file` would give the file at `path`, from its tensors' names and shapes
@@ -145,7 +158,7 @@ def read_single_file_config(path: str | Path, *, prediction_type: str | None = N
 def _config_of(state: Mapping[str, Tensor], config: str | Path | Config | None,
                prediction_type: str | None) -> tuple[Config, str]:
     """The given config (with `prediction_type` set) or the detected one (512 px, or 768 for v
-    models, as the published ones), and a report line."""
+    models but the x4 upscaler, as the published ones), and a report line."""
     if config is not None:
         cfg = copy.deepcopy(config) if isinstance(config, Config) else load_config(config)
         if prediction_type is not None:
@@ -153,7 +166,7 @@ def _config_of(state: Mapping[str, Tensor], config: str | Path | Config | None,
             cfg.model.diffusion.prediction_type = prediction_type
         return cfg, f"config: given ({config if not isinstance(config, Config) else 'Config object'}), not detected"
     model_cfg, report = detect_config(state, prediction_type=prediction_type)
-    size = 768 if model_cfg.diffusion.prediction_type == "v" else 512
+    size = 768 if model_cfg.diffusion.prediction_type == "v" and model_cfg.low_res is None else 512
     return Config(model=model_cfg, sample=SampleConfig(height=size, width=size)), report
 
 
@@ -165,10 +178,12 @@ def read_single_file(
     use_ema: bool = False,
     trust_pickle: bool = False,
 ) -> ModelState:
-    """An original Stable Diffusion checkpoint (SD 1.x, 2.x, inpainting) as a config and network states.
+    """An original Stable Diffusion checkpoint (SD 1.x, 2.x, inpainting, the x4 upscaler) as a config
+    and network states.
 
     Every tensor of the file is accounted for: network weights are kept for a strict load;
-    noise-schedule buffers are checked against the schedule we build; EMA copies of the U-Net
+    noise-schedule buffers (and an upscaler's `low_scale_model.*` ones) are checked against the
+    schedules we build; EMA copies of the U-Net
     (`model_ema.*`) replace its weights with `use_ema=True` and are otherwise left unread; the HF
     CLIP `position_ids` and training-only VAE loss weights (`first_stage_model.loss.*`) are dropped;
     anything else is an error naming it. Older key layouts are renamed first (`layouts`). `config`
@@ -179,6 +194,7 @@ def read_single_file(
     state, layout_notes = standard_layout(read_checkpoint(path, trust_pickle=trust_pickle))
     cfg, report = _config_of(state, config, prediction_type)
     lines = [f"{path.name}: {len(state)} tensors", report, *layout_notes]
+    state, low_scale = upscaler.split_low_scale(state)
 
     s = _sort_tensors(state)
     del state
@@ -192,9 +208,12 @@ def read_single_file(
             f"model_ema.*, {VAE_LOSS_PREFIX}*): {', '.join(unknown[:10])}{more}"
         )
 
+    low_scale_report = _check_low_scale(low_scale, cfg.model, path) if low_scale else None
     checked = _check_schedule(s.schedule, cfg.model.diffusion, path)
     if checked:
         lines.append(f"  {checked}")
+    if low_scale_report:
+        lines.append(low_scale_report)
     if s.schedule:
         lines.append(f"  {len(s.schedule)} schedule buffers not loaded (we build the schedule from the config)")
 

@@ -13,6 +13,7 @@ from ...checkpoint import PREFIXES, atomic_save_safetensors
 from ...config import DiffusionConfig
 from ...errors import ConfigError
 from ...diffusion.schedule import make_betas, rescale_zero_terminal_snr
+from .upscaler import LOW_SCALE_BUFFERS, LOW_SCALE_PREFIX, low_res_as_diffusion
 
 
 def schedule_buffers(cfg: DiffusionConfig) -> dict[str, torch.Tensor]:
@@ -44,7 +45,8 @@ def schedule_buffers(cfg: DiffusionConfig) -> dict[str, torch.Tensor]:
 
 def single_file_tensors(state: ModelState, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
     """Every tensor of an original single file: model weights under the original prefixes (cast to
-    `dtype` when given), the schedule buffers in float32, and SD 1.x's CLIP `position_ids`."""
+    `dtype` when given), the schedule buffers in float32 (an upscaler's low-resolution ones under
+    `low_scale_model.`), and SD 1.x's CLIP `position_ids`."""
     freqs = state.config.model.unet.position_embedding_freqs
     if freqs:
         raise ConfigError(
@@ -61,6 +63,9 @@ def single_file_tensors(state: ModelState, dtype: torch.dtype | None = None) -> 
             tensors[PREFIXES[name] + key] = value.contiguous()
     model = state.config.model
     tensors.update(schedule_buffers(model.diffusion))
+    if model.low_res is not None:  # an upscaler's low-resolution augmentation, as the original stores it
+        buffers = schedule_buffers(low_res_as_diffusion(model.low_res))
+        tensors.update({LOW_SCALE_PREFIX + k: buffers[k] for k in LOW_SCALE_BUFFERS})
     te = model.text_encoder
     if te.kind == "hf_clip":
         ids = torch.arange(te.context_length, dtype=torch.long)[None]
