@@ -63,3 +63,21 @@ def available_memory(device: torch.device) -> int | None:
         return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (AttributeError, OSError, ValueError):
         return None
+
+
+def peak_memory(device: torch.device) -> int | None:
+    """Bytes at the peak so far: of tensors on a CUDA device (`max_memory_allocated`), of this
+    process's resident memory for the CPU (VmHWM: everything, weights and Python alike); None
+    where it cannot be known."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    if device.type != "cpu":
+        return None
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
