@@ -7,6 +7,8 @@ bit for bit, a resumed run equals an uninterrupted one, and the export loads bac
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from PIL import Image
@@ -40,7 +42,7 @@ def sd_file(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def photos(tmp_path_factory):
-    """Ten captioned pictures of three shapes (square, wide, tall): each trains in its own bucket."""
+    """Ten captioned pictures of three shapes (square, wide, tall)."""
     root = tmp_path_factory.mktemp("photos")
     g = torch.Generator().manual_seed(0)
     for i in range(10):
@@ -63,10 +65,12 @@ def finished(tmp_path_factory, sd_file, photos):
     from contextlib import redirect_stdout
     from io import StringIO
 
-    said = StringIO()
+    said, threads = StringIO(), torch.get_num_threads()
+    torch.set_num_threads(1)  # as the tests run (a module fixture is set up before `one_thread`)
     with pytest.warns(UserWarning, match="train.optimizer=adamw8bit: bitsandbytes' 8-bit optimizers need the "
                                          "parameters on a CUDA GPU"), redirect_stdout(said):
         assert train_main(command(out, sd_file, photos)) == 0
+    torch.set_num_threads(threads)
     return out, said.getvalue()
 
 
@@ -82,7 +86,8 @@ def test_the_one_command_fine_tunes_the_unet_and_nothing_else(finished, sd_file)
     assert f"model: {out / 'model.safetensors'}" in said and f"--ckpt {out / 'model.safetensors'}" in said
 
     base, tuned = LDMPipeline.load(sd_file), LDMPipeline.load(out / "model.safetensors")
-    assert tuned.model_config.unet == base.model_config.unet  # the file's architecture, not sd15.yaml's
+    # the file's architecture, not sd15.yaml's; the run's gradient checkpointing recorded with it
+    assert tuned.model_config.unet == dataclasses.replace(base.model_config.unet, gradient_checkpointing=True)
     assert tuned.model_config.vae.scaling_factor == 0.18215 and tuned.diffusion.prediction_type == "eps"
     for name in ("vae", "text_encoder"):  # frozen: bit for bit the file's
         a, b = states(base, name), states(tuned, name)
@@ -97,7 +102,7 @@ def test_the_export_loads_through_from_single_file_and_diffusers(finished, sd_fi
     path = finished[0] / "model.safetensors"
     ours = LDMPipeline.load(path)
     single = LDMPipeline.from_single_file(path)  # read as an original file: detection, no stored config
-    assert single.model_config.unet == ours.model_config.unet
+    assert single.model_config.unet == dataclasses.replace(ours.model_config.unet, gradient_checkpointing=False)
     for name in ("unet", "vae", "text_encoder"):
         a, b = states(ours, name), states(single, name)
         assert all(torch.equal(a[k], b[k]) for k in a), name
@@ -115,8 +120,6 @@ def test_the_export_loads_through_from_single_file_and_diffusers(finished, sd_fi
 
 
 def test_a_resumed_run_equals_an_uninterrupted_one(finished, sd_file, photos, tmp_path):
-    from ldm.cli.train_args import parse_training_args, training_parser  # noqa: F401 (the tool's own parsing)
-
     out = tmp_path / "b"
     cfg = load_config(SD15_FINETUNE, command(out, sd_file, photos)[1:])
     with pytest.warns(UserWarning, match="adamw8bit"):
@@ -147,7 +150,6 @@ def test_a_config_of_the_other_family_or_no_model_is_refused(sd_file, photos, tm
 
 def test_the_sd_vae_of_such_a_file_serves_caching_and_both_trainers(sd_file, photos, tmp_path):
     from ldm.cli import cache_latents, make_shards
-    from ldm.data.latents import encode_batches  # noqa: F401 (what the tool runs)
     from ldm.train.vae_trainer import VAETrainer
 
     base = LDMPipeline.load(sd_file)
@@ -157,9 +159,9 @@ def test_the_sd_vae_of_such_a_file_serves_caching_and_both_trainers(sd_file, pho
                                str(tmp_path / "latents" / "l"), "--resolution", "32", "--num-workers", "0",
                                "--text-from", str(sd_file)]) == 0
     cfg = load_config(SD15_FINETUNE, command(tmp_path / "c", sd_file, tmp_path / "latents", "data.source=latents",
-                                             "data.buckets=false", "train.steps=1", "train.optimizer=adamw"))
+                                             "data.buckets=false", "train.steps=1", "train.optimizer=adamw")[1:])
     trainer = LDMTrainer(cfg)
-    batch = next(iter(trainer.batches()))
+    batch = next(trainer.batches())
     assert batch["latent"].shape == (2, 4, 8, 8) and batch["context"].shape == (2, 77, 64)
     trainer.train()  # one step on the cached latents, scaled by the file's VAE's factor
     assert trainer.vae.scaling_factor == 0.18215
