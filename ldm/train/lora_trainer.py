@@ -83,6 +83,7 @@ class LoRATrainer(LDMTrainer):
 
     NAME = "lora"
     EXPORT_NAME = "lora.safetensors"
+    STATE_PARTS = ("lora",)  # a state holds the adapters, not the base model
 
     def __init__(self, cfg: Config, *, resume: bool = False, overwrite: bool = False,
                  resume_with_changes: bool = False):
