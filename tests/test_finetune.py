@@ -125,7 +125,10 @@ def test_a_resumed_run_equals_an_uninterrupted_one(finished, sd_file, photos, tm
     out = tmp_path / "b"
     cfg = load_config(SD15_FINETUNE, command(out, sd_file, photos)[1:])
     with pytest.warns(UserWarning, match="adamw8bit"):
-        LDMTrainer(cfg).train(until=2)  # stopped after step 2 with a state, as a kill after that save leaves it
+        trainer = LDMTrainer(cfg)
+    # the config's run settings on the file's U-Net: gradient checkpointing on
+    assert all(m.gradient_checkpointing for m in trainer.unet.modules() if hasattr(m, "gradient_checkpointing"))
+    trainer.train(until=2)  # stopped after step 2 with a state, as a kill after that save leaves it
     assert find_latest_state(out).name == "state-00000002"
     with pytest.warns(UserWarning, match="adamw8bit"):
         assert train_main([*command(out, sd_file, photos), "--resume"]) == 0

@@ -76,6 +76,9 @@ class LDMTrainer(Trainer):
         for line in notes:
             acc.print(line)
         self.vae = vae.to(acc.device).eval().requires_grad_(False)
+        unet.set_gradient_checkpointing(cfg.model.unet.gradient_checkpointing)
+        if t.channels_last:  # convolutions then produce channels_last activations too
+            unet.to(memory_format=torch.channels_last)
         self.train_text = cfg.model.text_encoder.trainable
         self.schedule = Schedule.from_config(cfg.model.diffusion)
         unet.requires_grad_(True).to(acc.device)  # on the device before the EMA copies it
