@@ -20,6 +20,7 @@ from .config_train import (  # noqa: F401 (re-exported: the training sections li
     DATA_SOURCES,
     LR_SCHEDULES,
     MIXED_PRECISION,
+    OPTIMIZERS,
     DataConfig,
     LoRATrainConfig,
     TrainConfig,

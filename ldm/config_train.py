@@ -13,6 +13,7 @@ COMPILE_MODES = ("default", "max-autotune-no-cudagraphs", "reduce-overhead", "ma
 DATA_SOURCES = ("shapes", "folder", "shards", "latents")
 CROPS = ("center", "random")
 LR_SCHEDULES = ("constant", "cosine")
+OPTIMIZERS = ("adamw", "adamw8bit")
 MIXED_PRECISION = ("no", "bf16", "fp16", "auto")
 
 
@@ -135,6 +136,10 @@ class TrainConfig:
     # alike, the prompt ignored); see docs/training.md, "The tiny run".
     text_encoder_lr: float | None = None
     weight_decay: float = 0.01
+    # "adamw" (fused into one kernel where possible) or "adamw8bit": bitsandbytes' 8-bit AdamW, whose
+    # two moments take 2 bytes per trained parameter instead of 8 (CUDA and `pip install bitsandbytes`;
+    # elsewhere the run says so and uses "adamw").
+    optimizer: str = "adamw"
     adam_betas: tuple[float, float] = (0.9, 0.999)
     warmup_steps: int = 100
     lr_schedule: str = "cosine"  # "cosine" (to 0 at `steps`) | "constant" (after warm-up)
@@ -155,8 +160,13 @@ class TrainConfig:
     sample_prompts: tuple[str, ...] = ()
     sample_steps: int = 20
     sample_cfg: float = 7.5
-    init_from: str = ""  # a model file whose U-Net and text encoder weights start the run (fine-tuning)
-    vae_checkpoint: str = ""  # LDM training: the stage-1 VAE file; trained first from `vae_config` if missing
+    # Fine-tuning: the model the run starts from, in any format (our file, an original SD .safetensors
+    # or .ckpt, a diffusers folder); its architecture, VAE and latent scale are used (docs/training.md,
+    # "Fine-tuning Stable Diffusion"). The VAE trainer: a VAE (any format, or a model's) to fine-tune.
+    init_from: str = ""
+    # LDM training: the VAE (a stage-1 file, any SD VAE file or folder); trained first from `vae_config`
+    # if missing. With init_from: empty uses that model's VAE; a file replaces it (same latents).
+    vae_checkpoint: str = ""
     vae_config: str = ""
     log_with: str = "tensorboard"  # "tensorboard" | "wandb" | "none"
     channels_last: bool = False  # LDM training: U-Net weights and activations in torch.channels_last (faster on GPUs)
@@ -172,6 +182,8 @@ class TrainConfig:
             raise ConfigError(
                 f"train.compile must be one of {', '.join(COMPILE_MODES)} or null for eager (got {self.compile!r})"
             )
+        if self.optimizer not in OPTIMIZERS:
+            raise ConfigError(f"train.optimizer must be one of {', '.join(OPTIMIZERS)} (got {self.optimizer!r})")
         if self.lr_schedule not in LR_SCHEDULES:
             raise ConfigError(f"train.lr_schedule must be one of {LR_SCHEDULES} (got {self.lr_schedule!r})")
         if self.mixed_precision not in MIXED_PRECISION:

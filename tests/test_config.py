@@ -92,7 +92,7 @@ def test_shipped_configs_load_by_name_from_anywhere(tmp_path, monkeypatch):
     assert resolve_config("sd15") == resolve_config("sd15.yaml") == CONFIGS / "sd15.yaml"
     assert load_config("sd21-v") == load_config(CONFIGS / "sd21-v.yaml")  # `base:` is found beside it
     with pytest.raises(ConfigError, match=r"config 'sd16' not found: pass a YAML path or one of the names in "
-                                          r"configs/ \(sd-x4-upscaler, sd15, sd21, .*sd_tiny"):
+                                          r"configs/ \(sd-x4-upscaler, sd15, sd15_finetune, sd21, .*sd_tiny"):
         load_config("sd16")
     with pytest.raises(ConfigError, match="config 'configs/sd15.yaml' not found"):
         load_config("configs/sd15.yaml")  # a path is a path: relative to the working directory

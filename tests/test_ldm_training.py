@@ -222,14 +222,16 @@ def test_two_process_training_keeps_ranks_identical(tmp_path, vae_file):
     assert (tmp_path / "run" / "model.safetensors").is_file()
 
 
-def test_init_from_starts_from_a_model_file(tmp_path, vae_file):
+def test_init_from_starts_from_a_model_file_with_its_architecture(tmp_path, vae_file, capsys):
     source = LDMPipeline.from_config(SD_TINY, TINY, seed=7)
     path = source.save(tmp_path / "init.safetensors")
     trainer = LDMTrainer(config(tmp_path / "run", vae_file, f"train.init_from={path}"))
     mine = trainer.accelerator.unwrap_model(trainer.unet).state_dict()
     assert all(torch.equal(mine[k], v) for k, v in source.unet.state_dict().items())
-    with pytest.raises(Exception, match="shape mismatch"):
-        LDMTrainer(config(tmp_path / "run2", vae_file, f"train.init_from={path}", "model.unet.model_channels=64"))
+    # the file's architecture is used; the config's other one is named as not used
+    other = LDMTrainer(config(tmp_path / "run2", vae_file, f"train.init_from={path}", "model.unet.model_channels=64"))
+    assert other.cfg.model.unet == source.model_config.unet
+    assert "differs in 1 key, not used: model.unet.model_channels 64 -> 32" in capsys.readouterr().out
 
 
 def test_stages_of_different_precision_run_in_one_process(tmp_path, monkeypatch):

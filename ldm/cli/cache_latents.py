@@ -3,6 +3,10 @@
     python tools/cache_latents.py --vae runs/vae_small/vae.safetensors --shards data/train --out data/latents/train
     python tools/train_ldm.py configs/sd_small.yaml data.source=latents data.urls=data/latents
 
+--vae takes any VAE: a stage-1 file, a whole model in any format (an original SD 1.x/2.x
+.safetensors or .ckpt, a diffusers folder; its VAE is used), a standalone SD VAE file
+(vae-ft-mse-840000-ema-pruned.safetensors) or a diffusers VAE folder.
+
 With --text-from MODEL (any format: ldm, original single file, diffusers folder) the (frozen) text
 encoder of that model also embeds every caption; the trainer then uses the cached embeddings when
 the model's text encoder is frozen.
@@ -21,7 +25,8 @@ from .common import run_main
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--vae", required=True, help="VAE file (stage-1 export) or a whole model file")
+    parser.add_argument("--vae", required=True,
+                        help="a VAE (stage-1 file, SD VAE file or diffusers folder) or a whole model in any format")
     parser.add_argument("--shards", required=True, help="image shards: folder, file, brace pattern or pipe: URL")
     parser.add_argument("--out", required=True, help="output prefix, e.g. data/latents/train")
     parser.add_argument("--resolution", type=positive_int, required=True,
@@ -35,14 +40,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--overwrite", action="store_true")
     args = parser.parse_args(argv)
 
-    from ..checkpoint import load_vae_file
+    from ..convert.vae_file import vae_from_file
     from ..data.latents import cache_latents
     from ..pipeline import LDMPipeline
 
     device = pick_device(args.device)
     text_encoder = LDMPipeline.load(args.text_from).text_encoder if args.text_from else None
     summary = cache_latents(
-        args.shards, args.out, load_vae_file(args.vae), resolution=args.resolution, batch_size=args.batch_size,
+        args.shards, args.out, vae_from_file(args.vae), resolution=args.resolution, batch_size=args.batch_size,
         num_workers=args.num_workers, text_encoder=text_encoder, device=device, max_count=args.max_count,
         overwrite=args.overwrite,
     )

@@ -12,10 +12,16 @@ data stage 2 reads (`data.*` keys carry over unless the VAE config sets them; se
 
     python tools/train_ldm.py configs/sd_tiny.yaml data.source=folder data.urls=my_images/   # your own images
 
+Fine-tuning Stable Diffusion: `train.init_from` names the model (an original SD 1.x/2.x .safetensors
+or .ckpt, a diffusers folder, our file), whose architecture and VAE the run keeps (no stage 1):
+
+    python tools/train_ldm.py configs/sd15_finetune.yaml train.init_from=v1-5-pruned-emaonly.safetensors \\
+        data.source=folder data.urls=my_photos/          # -> runs/sd15_finetune/model.safetensors
+
 With `train.lora.rank`, LoRA adapters train on the base model `train.init_from` instead (no stage 1),
 and the run exports a LoRA file (docs/lora.md):
 
-    python tools/train_ldm.py configs/sd_tiny.yaml train.lora.rank=8 train.init_from=runs/sd_tiny/model.safetensors \
+    python tools/train_ldm.py configs/sd_tiny.yaml train.lora.rank=8 train.init_from=runs/sd_tiny/model.safetensors \\
         data.source=folder data.urls=my_images/          # -> runs/sd_tiny/lora/lora.safetensors
 """
 

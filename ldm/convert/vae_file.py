@@ -13,6 +13,11 @@
 `like` is the VAE of the model it goes into: the new VAE must make latents of the same shape, and the
 latent scale stays the model's (the U-Net was trained on latents scaled by it). Loading is strict:
 a tensor that maps nowhere, or a weight left unfilled, is an error naming it.
+
+`read_vae(path, like, standalone=True)` (and `vae_from_file`) read a VAE for its own sake, as the
+trainers and latent caching take one: the file's own architecture and its own latent scale where it
+records one (our files, a diffusers `config.json`); `like` only fills in what the file cannot say
+(the scale of an original-layout file, the architecture of diffusers weights without a config).
 """
 
 from __future__ import annotations
@@ -22,12 +27,14 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from safetensors import safe_open
 from torch import Tensor
 
-from ..build import ModelState
+from ..build import ModelState, build_vae
 from ..checkpoint import CONFIG_KEY, PREFIXES, file_kind, read_model_file
 from ..config import VAEConfig
+from ..models.vae import AutoencoderKL
 from ..errors import CheckpointError, ConfigError
 from .diffusers.configs import vae_config_from_diffusers
 from .diffusers.folder import WEIGHT_STEMS, read_component_weights
@@ -51,20 +58,33 @@ class VAEState:
     report: str
 
 
-def read_vae(path: str | Path, like: VAEConfig, *, trust_pickle: bool = False) -> VAEState:
-    """The VAE at `path` (a file or a folder, see the module docstring) for a model whose VAE is `like`."""
+def read_vae(path: str | Path, like: VAEConfig, *, standalone: bool = False, trust_pickle: bool = False) -> VAEState:
+    """The VAE at `path` (a file or a folder, see the module docstring) for a model whose VAE is
+    `like`; with `standalone`, the VAE as the file describes it (`like` fills in what it cannot say)."""
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"VAE not found: {path}")
     if path.is_dir():
-        cfg, tensors, notes = _read_folder(path)
+        cfg, tensors, notes, scaled = _read_folder(path)
     else:
-        cfg, tensors, notes = _read_file(path, like, trust_pickle)
-    cfg = _fit(cfg, like, path, notes)
+        cfg, tensors, notes, scaled = _read_file(path, like, trust_pickle)
+    if standalone:
+        if not scaled:
+            cfg = dataclasses.replace(cfg, scaling_factor=like.scaling_factor)
+            notes.append(f"  latent scale {like.scaling_factor} from the config (the file records none)")
+    else:
+        cfg = _fit(cfg, like, path, notes)
     return VAEState(cfg, tensors, "\n".join([f"VAE from {path.name}", *notes]))
 
 
-def _read_folder(path: Path) -> tuple[VAEConfig, dict[str, Tensor], list[str]]:
+def vae_from_file(path: str | Path, like: VAEConfig | None = None, *, trust_pickle: bool = False) -> AutoencoderKL:
+    """The VAE at `path` in any format (`read_vae(..., standalone=True)`), built with its tensors, in
+    float32. Without `like`, the SD VAE's conventions fill in what the file cannot say."""
+    found = read_vae(path, like or VAEConfig(), standalone=True, trust_pickle=trust_pickle)
+    return build_vae(found.config, found.tensors, dtype=torch.float32)
+
+
+def _read_folder(path: Path) -> tuple[VAEConfig, dict[str, Tensor], list[str], bool]:
     folder = path / "vae" if (path / "vae" / "config.json").is_file() else path
     if not (folder / "config.json").is_file():
         raise CheckpointError(f"{path} is a folder without config.json (nor vae/config.json): not a diffusers VAE "
@@ -78,15 +98,16 @@ def _read_folder(path: Path) -> tuple[VAEConfig, dict[str, Tensor], list[str]]:
     if renamed:
         notes.append(f"  {renamed} attention tensors renamed from diffusers' older names (query, key, value, "
                      "proj_attn)")
-    return cfg, from_diffusers_state(state, vae_rules(cfg), str(folder)), notes
+    return cfg, from_diffusers_state(state, vae_rules(cfg), str(folder)), notes, True
 
 
-def _read_file(path: Path, like: VAEConfig, trust_pickle: bool) -> tuple[VAEConfig, dict[str, Tensor], list[str]]:
+def _read_file(path: Path, like: VAEConfig, trust_pickle: bool) -> tuple[VAEConfig, dict[str, Tensor], list[str], bool]:
+    """(config, tensors, notes, whether the file records its latent scale)."""
     if file_kind(path) == "safetensors" and _has_our_config(path):
         parts, config = read_model_file(path)
         if not parts["vae"]:
             raise CheckpointError(f"{path} is an ldm model file without a VAE (no {VAE_PREFIX}* tensors)")
-        return config.model.vae, parts["vae"], ["  the VAE of an ldm model file"]
+        return config.model.vae, parts["vae"], ["  the VAE of an ldm model file"], True
     state = read_checkpoint(path, trust_pickle=trust_pickle)
     notes = []
     if any(k.startswith(VAE_PREFIX) for k in state):
@@ -102,13 +123,13 @@ def _read_file(path: Path, like: VAEConfig, trust_pickle: bool) -> tuple[VAEConf
         notes.append("  diffusers layout, read with the model's VAE architecture")
         if renamed:
             notes.append(f"  {renamed} attention tensors renamed from diffusers' older names")
-        return like, from_diffusers_state(state, vae_rules(like), str(path)), notes
+        return like, from_diffusers_state(state, vae_rules(like), str(path)), notes, False
     if "encoder.conv_in.weight" in state:
         state, reshaped = conv_vae_attention(state, "")
         if reshaped:
             notes.append(f"  attention stored as Linear weights: {reshaped} reshaped to 1x1 convolutions")
         notes.insert(0, "  original layout")
-        return detect_vae_config(state, prefix=""), state, notes
+        return detect_vae_config(state, prefix=""), state, notes, False
     top = sorted({k.split(".")[0] for k in state})
     raise CheckpointError(
         f"{path} is not a VAE: its {len(state)} tensors sit under {', '.join(top[:6])}; expected the original "

@@ -45,4 +45,5 @@ class EMA:
             raise ValueError("EMA state does not match the model: different parameter names")
         self.decay = state["decay"]
         self.num_updates = state["num_updates"]
-        self.shadow = {k: v.float().clone() for k, v in state["shadow"].items()}
+        # each average stays on the device of the weights it follows (a state is read onto the CPU)
+        self.shadow = {k: v.to(self.shadow[k].device, torch.float32, copy=True) for k, v in state["shadow"].items()}

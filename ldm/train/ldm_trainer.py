@@ -8,6 +8,7 @@ inference model file with the EMA weights.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -15,14 +16,17 @@ from pathlib import Path
 import torch
 
 from ..atomic import write_text_atomic
-from ..checkpoint import load_state_strict, load_vae_file, read_model_file
+from ..build import load_state_strict
 from ..config import Config
+from ..convert.vae_file import vae_from_file
 from ..data.batches import heldout_items
+from ..devices import peak_memory
 from ..diffusion import Schedule, diffusion_loss, q_sample, sample_timesteps
 from ..eval.heldout import heldout_loss
 from ..images import make_grid
 from ..models import build_models
 from ..pipeline import LDMPipeline
+from .base_model import load_base
 from .checkpoint import read_state_json
 from .ema import EMA
 from .fsdp import scatter_like, shard
@@ -46,28 +50,41 @@ class LDMTrainer(Trainer):
 
     def __init__(self, cfg: Config, *, resume: bool = False, overwrite: bool = False,
                  resume_with_changes: bool = False):
-        super().__init__(cfg, resume=resume, overwrite=overwrite, resume_with_changes=resume_with_changes)
-        t, acc = cfg.train, self.accelerator
-
-        # The VAE is fixed in stage 2 and defines the latent space (and its scaling factor).
-        if not t.vae_checkpoint:
-            raise ValueError("train.vae_checkpoint is empty: stage 2 needs a trained VAE file")
-        self.vae = load_vae_file(t.vae_checkpoint).to(acc.device).eval().requires_grad_(False)
-        cfg.model.vae = self.vae.cfg
+        t = cfg.train
+        # The models come first, before the output folder is taken: a file that cannot be read, or
+        # does not fit the config, is an error before anything is written.
+        if t.init_from:  # fine-tuning: architecture, weights and VAE from a model file of any format
+            base = load_base(cfg)
+            cfg.model, notes = base.model, base.notes
+            unet, vae, text_encoder = base.pipe.unet, base.pipe.vae, base.pipe.text_encoder
+            if t.vae_checkpoint:  # another VAE for the same latents (the model's latent scale is kept)
+                vae = base.pipe.load_vae(t.vae_checkpoint).vae
+                cfg.model = dataclasses.replace(cfg.model, vae=vae.cfg)
+                notes.append(f"train.vae_checkpoint: the VAE of {t.vae_checkpoint} instead of {t.init_from}'s")
+        else:
+            # The VAE is fixed in stage 2 and defines the latent space (and its scaling factor).
+            if not t.vae_checkpoint:
+                raise ValueError("train.vae_checkpoint is empty: stage 2 needs a VAE (a stage-1 file or any SD VAE "
+                                 "file or folder), or a model to fine-tune in train.init_from, which brings its own")
+            vae = vae_from_file(t.vae_checkpoint, cfg.model.vae)
+            cfg.model.vae, notes = vae.cfg, []
+            cfg.validate()
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(t.seed)
+                unet, _, text_encoder = build_models(cfg.model)
         cfg.validate()
-
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(t.seed)
-            unet, _, text_encoder = build_models(cfg.model)
-        if t.init_from:  # fine-tuning: start from a model file's weights (the architecture must match)
-            parts, _ = read_model_file(t.init_from)
-            load_state_strict(unet, parts["unet"], f"{t.init_from} [unet]")
-            load_state_strict(text_encoder, parts["text_encoder"], f"{t.init_from} [text_encoder]")
+        super().__init__(cfg, resume=resume, overwrite=overwrite, resume_with_changes=resume_with_changes)
+        acc = self.accelerator
+        for line in notes:
+            acc.print(line)
+        self.vae = vae.to(acc.device).eval().requires_grad_(False)
         unet.set_gradient_checkpointing(cfg.model.unet.gradient_checkpointing)
         if t.channels_last:  # convolutions then produce channels_last activations too
             unet.to(memory_format=torch.channels_last)
         self.train_text = cfg.model.text_encoder.trainable
         self.schedule = Schedule.from_config(cfg.model.diffusion)
+        unet.requires_grad_(True).to(acc.device)  # on the device before the EMA copies it
+        text_encoder.requires_grad_(self.train_text).to(acc.device)
         self.ema = {"unet": EMA(unet, t.ema_decay)} if t.ema_decay > 0 else {}
         if self.ema and self.train_text:
             self.ema["text_encoder"] = EMA(text_encoder, t.ema_decay)
@@ -94,6 +111,8 @@ class LDMTrainer(Trainer):
             acc.print(f"{self.NAME}: FSDP over {acc.num_processes} processes shards the {' and '.join(trained)}: "
                       f"{held:,} of the U-Net's {sum(p.numel() for p in unet.parameters()):,} parameters per process")
         optimizer = make_optimizer(self._groups(unet, text_encoder), t)
+        if state is not None:
+            self.check_optimizer(optimizer)
         if self.fsdp:
             optimizer = acc.prepare(optimizer)
         else:
@@ -270,6 +289,18 @@ class LDMTrainer(Trainer):
         if acc.is_main_process:
             self.write_export(f"the model file {path.name}", lambda: pipe.save(path))
             acc.print(f"exported {path}")
-            self._write_metrics(heldout_loss=self.heldout_loss(pipe), steps=self.step)
+            self._write_metrics(heldout_loss=self.heldout_loss(pipe), steps=self.step, **self.resources())
         acc.wait_for_everyone()
         return path
+
+    def resources(self) -> dict[str, float]:
+        """The speed of the last steps and the peak memory of the run so far (said, and kept in metrics.json)."""
+        device = self.accelerator.device
+        peak = peak_memory(device)
+        values = {"images_per_s": round(self.images_per_s, 3)}
+        if peak is not None:
+            values["peak_memory_gib"] = round(peak / 2**30, 3)
+        where = "of CUDA tensors" if device.type == "cuda" else "resident"
+        self.accelerator.print(f"speed {values['images_per_s']:.2f} img/s over the last steps; peak memory "
+                               + (f"{values['peak_memory_gib']:.2f} GiB ({where})" if peak is not None else "unknown"))
+        return values

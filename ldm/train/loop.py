@@ -14,6 +14,7 @@ import json
 import math
 import signal
 import time
+import warnings
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,19 +36,44 @@ from .fsdp import check_settings, fsdp_requested, gather, load_optimizer_state
 
 def make_optimizer(
     params: list[nn.Parameter] | list[dict], cfg: TrainConfig, lr: float | None = None
-) -> torch.optim.AdamW:
-    """AdamW, fused into one kernel when every parameter is on one CUDA or CPU device (on 2 CPU
-    cores the fused step over sd_tiny's 11M parameters takes about a sixth of the foreach one's time).
+) -> torch.optim.Optimizer:
+    """AdamW as `cfg.optimizer` says: "adamw" is torch's, fused into one kernel when every parameter is
+    on one CUDA or CPU device (on 2 CPU cores the fused step over sd_tiny's 11M parameters takes about
+    a sixth of the foreach one's time); "adamw8bit" is bitsandbytes' 8-bit AdamW on CUDA, and torch's
+    (with a warning saying why) where bitsandbytes is missing or the parameters are not on a GPU.
 
     `params`: parameters, or param groups (dicts with "params" and optionally their own "lr")."""
     groups = params if params and isinstance(params[0], dict) else [{"params": params}]
     groups = [{**g, "params": [p for p in g["params"] if p.requires_grad]} for g in groups]
     groups = [g for g in groups if g["params"]]
     devices = {p.device for g in groups for p in g["params"]}
+    options = {"lr": cfg.lr if lr is None else lr, "betas": cfg.adam_betas, "weight_decay": cfg.weight_decay}
+    if cfg.optimizer == "adamw8bit":
+        bnb, why = _bitsandbytes(devices)
+        if bnb is not None:
+            return bnb.optim.AdamW8bit(groups, **options)
+        warnings.warn(f"train.optimizer=adamw8bit: {why}; training with torch's AdamW instead, whose moments take "
+                      f"8 bytes per trained parameter instead of 2 (set train.optimizer=adamw to silence this)",
+                      stacklevel=2)
     fused = len(devices) == 1 and next(iter(devices)).type in ("cuda", "cpu")
-    return torch.optim.AdamW(
-        groups, lr=cfg.lr if lr is None else lr, betas=cfg.adam_betas, weight_decay=cfg.weight_decay, fused=fused or None
-    )
+    return torch.optim.AdamW(groups, **options, fused=fused or None)
+
+
+def _bitsandbytes(devices: set[torch.device]):
+    """(the bitsandbytes module, "") where its 8-bit optimizers can run on `devices`, else (None, why not)."""
+    if any(d.type != "cuda" for d in devices):
+        return None, f"bitsandbytes' 8-bit optimizers need the parameters on a CUDA GPU (they are on {devices})"
+    try:
+        import bitsandbytes
+    except ImportError:
+        return None, "bitsandbytes is not installed (pip install bitsandbytes, or pip install ldm[train8bit])"
+    return bitsandbytes, ""
+
+
+def optimizer_kind(optimizer: torch.optim.Optimizer) -> str:
+    """"adamw8bit" or "adamw": which optimizer a training state's moments belong to."""
+    inner = getattr(optimizer, "optimizer", optimizer)  # accelerate wraps it
+    return "adamw8bit" if "8bit" in type(inner).__name__ else "adamw"
 
 
 def lr_factor(step: int, cfg: TrainConfig) -> float:
@@ -191,6 +217,7 @@ class Trainer(ABC):
         self.out = Path(t.output_dir)
         self.accelerator = make_accelerator(t, str(self.out))
         self.step = 0
+        self.images_per_s = 0.0  # over the last steps trained (the progress bar's img_s)
         self.bad = BadLossGuard(t.max_bad_steps)
         self.data: Batches | None = None
         self._position: dict | None = None  # the data position of the state resumed from
@@ -210,15 +237,31 @@ class Trainer(ABC):
         if cfg.train.mixed_precision == "auto":
             acc.print(f"{self.NAME}: train.mixed_precision=auto -> {acc.mixed_precision} on this device")
 
-    def resume_state(self) -> tuple[dict, dict] | None:
+    def check_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
+        """Refuse to continue a state's Adam moments with another kind of optimizer (trainers that
+        build their optimizer after `resume_state`, on sharded weights, call this then)."""
+        saved = getattr(self, "_saved_optimizer", None)
+        if saved is None or optimizer_kind(optimizer) == saved:
+            return
+        self.folder.release()
+        raise ValueError(f"{self._state} was trained with {saved} and this run would continue with "
+                         f"{optimizer_kind(optimizer)}, whose moments differ: resume where bitsandbytes and a "
+                         f"GPU are {'present' if saved == 'adamw8bit' else 'absent'} as they were, or set "
+                         f"train.optimizer={saved}")
+
+    def resume_state(self, optimizer: torch.optim.Optimizer | None = None) -> tuple[dict, dict] | None:
         """(weights, trainer objects) of the state to resume from, or None for a fresh run; sets
         the step, the bad-step count and the data position. A subclass calls it once its config is
-        final (stage 2 takes the VAE's from the VAE file), so the comparison with the state's sees it."""
+        final (stage 2 takes the VAE's from the VAE file), so the comparison with the state's sees it,
+        and with its `optimizer`, whose kind must be the one the state's moments belong to."""
         if self._state is None:
             return None
         try:
             self.folder.check_resume(self._state, self.cfg, allow_changes=self._resume_with_changes)
             weights, trainer, meta = load_training_state(self._state, self.STATE_PARTS, self.STATE_OBJECTS)
+            self._saved_optimizer = meta.get("optimizer", "adamw")
+            if optimizer is not None:
+                self.check_optimizer(optimizer)
         except BaseException:
             self.folder.release()
             raise
@@ -294,7 +337,7 @@ class Trainer(ABC):
                 logs, postfix = self.train_step(self.step, self.data)
                 self.scheduler.step()
                 self.step += 1
-                rate = speed.update(images_per_step)
+                rate = self.images_per_s = speed.update(images_per_step)
                 if acc.is_main_process:
                     bar.update(1)
                     bar.set_postfix({**postfix, "img_s": f"{rate:.1f}"}, refresh=False)
@@ -386,7 +429,8 @@ class Trainer(ABC):
             position = self.data.position(self.step)
         else:  # saved before reading any data: the resumed position still holds
             position = {**(self._position or {"source": self.cfg.data.source}), "step": self.step}
-        meta = {"data_position": position, "bad_steps": self.bad.total, "trainer": self.NAME}
+        meta = {"data_position": position, "bad_steps": self.bad.total, "trainer": self.NAME,
+                "optimizer": optimizer_kind(self.optimizer)}
         what = f"the training state of step {self.step}"
         try:
             check_free_space(self.out, self.state_bytes(), what)

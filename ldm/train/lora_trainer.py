@@ -14,7 +14,6 @@ kohya's trainers keep none either.
 from __future__ import annotations
 
 import copy
-import dataclasses
 import json
 import re
 from pathlib import Path
@@ -27,7 +26,8 @@ from ..config import Config, ModelConfig, to_dict
 from ..convert.lora import layers, save_lora
 from ..diffusion import Schedule
 from ..models.lora import LoRANetwork, Target
-from ..pipeline import LDMPipeline, load_model
+from ..pipeline import LDMPipeline
+from .base_model import load_base
 from .ldm_trainer import DEFAULT_PROMPTS, LDMTrainer
 from .loop import Trainer, make_lr_scheduler, make_optimizer
 
@@ -93,19 +93,15 @@ class LoRATrainer(LDMTrainer):
         if not t.init_from:
             raise ValueError("train.lora needs a base model to adapt: set train.init_from to a model file (ours, an "
                              "original SD .safetensors/.ckpt) or a diffusers folder")
-        # its own architecture and VAE; the config's model section is not used
-        base = load_model(t.init_from, kind="text-to-image")
-        if base.model_config.inpainting:
-            raise ValueError(f"{t.init_from} is an inpainting model ({base.unet.cfg.in_channels} input channels); "
-                             "LoRA training needs a text-to-image base model")
-        cfg.model = dataclasses.replace(base.model_config)
+        found = load_base(cfg, kind="text-to-image")  # its own architecture and VAE (see ldm.train.base_model), in float32
+        base, cfg.model = found.pipe, found.model
         t.output_dir = t.lora.output_dir = t.lora.output_dir or str(Path(t.output_dir) / "lora")
         cfg.validate()
         Trainer.__init__(self, cfg, resume=resume, overwrite=overwrite, resume_with_changes=resume_with_changes)
         acc, lc = self.accelerator, t.lora
         acc.print(f"lora: rank {lc.rank}, alpha {lc.alpha or lc.rank:g} on {t.init_from}; writing to {self.out}")
-
-        base.to(dtype=torch.float32)  # the adapters train in float32; autocast (train.mixed_precision) still applies
+        for line in found.notes:
+            acc.print(line)
         for module in base.modules.values():
             module.requires_grad_(False)
         self.vae = base.vae.to(acc.device).eval()
@@ -127,7 +123,7 @@ class LoRATrainer(LDMTrainer):
         optimizer = make_optimizer(groups, t)  # an empty text group is dropped
         self.ema = {}
 
-        state = self.resume_state()
+        state = self.resume_state(optimizer)
         if state is not None:
             weights, trainer = state
             load_state_strict(lora, weights["lora"], f"{self._state} [lora]")
@@ -173,7 +169,7 @@ class LoRATrainer(LDMTrainer):
         if acc.is_main_process:
             save_lora(path, self.lora.weights(), self.cfg.model, metadata=self.metadata())
             acc.print(f"exported {path}")
-            self._write_metrics(heldout_loss=self.heldout_loss(), steps=self.step)
+            self._write_metrics(heldout_loss=self.heldout_loss(), steps=self.step, **self.resources())
         acc.wait_for_everyone()
         return path
 

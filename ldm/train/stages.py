@@ -1,7 +1,8 @@
 """Both stages from one config: stage 1 trains the VAE when `train.vae_checkpoint` is missing, on
 the data stage 2 reads, then stage 2 trains the latent diffusion model on it (a text-to-image
 model, or an upscaler when the config has a `model.low_res` section; or, with `train.lora.rank`,
-LoRA adapters on the base model `train.init_from`, which needs no stage 1).
+LoRA adapters on the base model `train.init_from`, which needs no stage 1). A
+fine-tune (`train.init_from` with `train.vae_checkpoint` empty) trains on the model's own VAE: no stage 1.
 
 Which data stage 1 reads: the VAE config (`train.vae_config`) with the stage-2 run's `data`
 carried over, except the `data` keys the VAE config file sets itself (and `caption_dropout`, which
@@ -79,8 +80,15 @@ def train_stages(cfg: Config, overrides: Sequence[str] = (), *, resume: bool = F
     options = {"overwrite": overwrite, "resume_with_changes": resume_with_changes}
     if cfg.train.lora.rank:  # adapters on a whole base model, whose VAE it brings: no stage 1
         return _finished(LoRATrainer(cfg, resume=resume, **options))
+    if not cfg.train.init_from and not cfg.train.vae_checkpoint:
+        raise ValueError("train.vae_checkpoint and train.init_from are both empty: name the model to fine-tune "
+                         "(train.init_from=FILE: an SD 1.x/2.x .safetensors/.ckpt, a diffusers folder or our file), "
+                         "or the VAE to train a new model on (train.vae_checkpoint, with train.vae_config to make it)")
     vae_path = Path(cfg.train.vae_checkpoint)
-    if not vae_path.is_file():
+    if cfg.train.init_from and not cfg.train.vae_checkpoint:  # fine-tuning: the model brings its VAE
+        log(f"stage 2: latent diffusion, fine-tuning {cfg.train.init_from} on its own VAE (no stage 1)")
+        return _finished(LDMTrainer(cfg, resume=resume, **options))
+    if not vae_path.exists():  # a VAE file, or a diffusers VAE folder
         vae_cfg = stage1_config(cfg, overrides)
         stage1_target(cfg, vae_cfg)
         check_data(vae_cfg.data, images=True)

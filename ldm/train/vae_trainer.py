@@ -22,6 +22,7 @@ from torch import nn
 from ..atomic import write_text_atomic
 from ..checkpoint import load_state_strict, save_model_file
 from ..config import Config, DataConfig
+from ..convert.vae_file import vae_from_file
 from ..data.batches import heldout_items
 from ..images import make_grid, to_pil
 from ..models.vae import AutoencoderKL, DiagonalGaussian
@@ -119,16 +120,25 @@ class VAETrainer(Trainer):
 
     def __init__(self, cfg: Config, *, resume: bool = False, overwrite: bool = False,
                  resume_with_changes: bool = False):
+        t, lc = cfg.train, cfg.vae_loss
+        start = None
+        if t.init_from:  # fine-tuning a VAE (as vae-ft-mse was): any VAE file or folder, or a model's VAE
+            start = vae_from_file(t.init_from, cfg.model.vae)
+            cfg.model.vae = dataclasses.replace(start.cfg, dropout=cfg.model.vae.dropout)
+            cfg.validate()
         super().__init__(cfg, resume=resume, images=True, overwrite=overwrite,
                          resume_with_changes=resume_with_changes)
-        t, lc, acc = cfg.train, cfg.vae_loss, self.accelerator
+        acc = self.accelerator
 
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(t.seed)
-            vae = AutoencoderKL(cfg.model.vae)
+            vae = AutoencoderKL(cfg.model.vae) if start is None else start
             disc = PatchDiscriminator(cfg.model.vae.out_channels, lc.disc_channels, lc.disc_layers)
-        if lc.init_logvar is not None:
+        if start is not None:
+            acc.print(f"vae: starts from {t.init_from} (its architecture; latent scale measured again at the end)")
+        elif lc.init_logvar is not None:
             narrow_posterior_(vae, lc.init_logvar)
+        vae.requires_grad_(True).train().to(acc.device)  # on the device before the EMA copies it
         optimizer = make_optimizer(list(vae.parameters()), t)
         disc_opt_cfg = dataclasses.replace(t, adam_betas=DISC_BETAS, weight_decay=0.0)
         disc_optimizer = make_optimizer(list(disc.parameters()), disc_opt_cfg, lr=lc.disc_lr)
@@ -138,7 +148,7 @@ class VAETrainer(Trainer):
         acc.print(self.lpips_status)
         self.objective = VAELoss(lc, lpips.to(acc.device) if lpips is not None else None)
 
-        state = self.resume_state()
+        state = self.resume_state(optimizer)
         if state is not None:
             weights, trainer = state
             load_state_strict(vae, weights["vae"], f"{self._state} [vae]")
