@@ -30,7 +30,8 @@ from .base_model import load_base
 from .checkpoint import read_state_json
 from .ema import EMA
 from .fsdp import scatter_like, shard
-from .loop import Trainer, caption_keep_mask, make_lr_scheduler, make_optimizer, step_generator
+from .loop import Trainer, caption_keep_mask, step_generator
+from .optim import make_lr_scheduler, make_optimizer
 
 DEFAULT_PROMPTS = (
     "a large red circle in the center on a white background",

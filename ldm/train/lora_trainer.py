@@ -29,7 +29,8 @@ from ..models.lora import LoRANetwork, Target
 from ..pipeline import LDMPipeline
 from .base_model import load_base
 from .ldm_trainer import DEFAULT_PROMPTS, LDMTrainer
-from .loop import Trainer, make_lr_scheduler, make_optimizer
+from .loop import Trainer
+from .optim import make_lr_scheduler, make_optimizer
 
 # Named groups of U-Net layers (searched in diffusers-style module names, as kohya and peft name them).
 TARGET_GROUPS = {

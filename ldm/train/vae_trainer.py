@@ -27,7 +27,8 @@ from ..data.batches import heldout_items
 from ..images import make_grid, to_pil
 from ..models.vae import AutoencoderKL, DiagonalGaussian
 from .ema import EMA
-from .loop import Trainer, make_lr_scheduler, make_optimizer, step_generator
+from .loop import Trainer, step_generator
+from .optim import make_lr_scheduler, make_optimizer
 from .vae_loss import PatchDiscriminator, VAELoss, lpips_from_config
 
 # GAN practice (and the original autoencoder training): a short memory for the first moment.
