@@ -253,11 +253,12 @@ def test_an_fsdp_launch_leaves_accelerate_unsharded_and_one_process_trains_whole
 
     from ldm.config import TrainConfig
     from ldm.train import accelerator as loop
+    from ldm.train.fsdp import fsdp_requested
 
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # what `accelerate launch --use_fsdp` sets
     acc = loop.make_accelerator(TrainConfig(log_with="none"), str(tmp_path / "acc"))
     assert acc.distributed_type != DistributedType.FSDP  # the trainer shards, not accelerate's prepare
-    assert loop.fsdp_requested()  # the request itself is kept
+    assert fsdp_requested()  # the request itself is kept
     trainer = LDMTrainer(config(tmp_path / "run", vae_file))
     assert not trainer.fsdp
     assert "launched with FSDP, but one process has nothing to shard" in capsys.readouterr().out

@@ -34,7 +34,8 @@ def train_tiny(tmp_path: Path, vae_steps: int, ldm_overrides: list[str]) -> LDMT
     vae_file = VAETrainer(vae_cfg).train()
     cfg = load_config(
         CONFIGS / "sd_tiny.yaml",
-        [*COMMON, f"train.output_dir={tmp_path / 'ldm'}", f"train.vae_checkpoint={vae_file}", *ldm_overrides],
+        [*COMMON, f"train.output_dir={tmp_path / 'ldm'}", f"train.vae_checkpoint={vae_file}", "data.heldout_size=16",
+         *ldm_overrides],
     )
     return LDMTrainer(cfg)
 

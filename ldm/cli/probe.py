@@ -2,7 +2,8 @@
 
     ldm-probe --ckpt runs/sd_tiny/model.safetensors
     ldm-probe --ckpt runs/sd_tiny/model.safetensors --only swap,attention --out probes.json
-    ldm-probe --vae runs/vae_tiny/vae.safetensors      # the autoencoder alone (latent probe)
+    ldm-probe --vae runs/vae_tiny/vae.safetensors      # the autoencoder alone (latent probe); with
+                                                       # --ckpt, --vae swaps that VAE into the model
 
 Prints, for each attribute of a caption (colour, shape, size, position, background):
   text       how far apart the text encoder puts captions differing only in it (relative to
@@ -41,11 +42,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--attention-png", type=Path, default=None,
                         help="also draw the cross-attention maps of a few captions (layers x words) to this PNG")
     parser.add_argument("--out", type=Path, default=None, help="also write the numbers as JSON here")
-    parser.add_argument("--vae", default=None, help="a stage-1 VAE file: run the latent probe on it alone")
-    parser.add_argument("--resolution", type=int, default=32, help="image size of the --vae probe (default 32)")
-    add_model_args(parser)
+    parser.add_argument("--resolution", type=int, default=32,
+                        help="image size of the latent probe of --vae alone (default 32)")
+    add_model_args(parser)  # its --vae alone (no --ckpt or --config): the latent probe of that VAE file
     args = parser.parse_args(argv)
-    if args.vae:
+    if args.vae and not args.ckpt and not args.config:
         from ..checkpoint import load_vae_file
 
         result = probes.reconstruction_adherence(load_vae_file(args.vae).eval(), args.resolution)
