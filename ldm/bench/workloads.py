@@ -17,7 +17,7 @@ from ..data.reader import make_image_text_loader, make_latent_loader
 from ..data.sources import shapes_samples
 from ..data.writer import write_latent_shards, write_shards
 from ..pipeline import LDMPipeline
-from ..train.loop import make_optimizer
+from ..train.optim import make_optimizer
 from .measure import count_flops
 from .options import CFG_SCALE, CFG_TIMESTEP, CPU_TRAIN_SHAPES, GPU_TRAIN_SHAPES, PROMPT, Row
 from .setup import Setup, free_memory, impl_name, optimize_unet_or_none, optimize_vae_or_none, reset_compiler
