@@ -258,3 +258,12 @@ def test_resize_modes_follow_a1111():
     assert (fill[:5] == fill[5]).all() and (fill[15:] == fill[14]).all()
     assert (np.abs(fill[:5] - [255, 0, 0]) <= 3).all() and (np.abs(fill[15:] - [0, 0, 255]) <= 3).all()
     assert (fill[10] >= 250).all()
+
+
+def test_the_load_bench_recognises_an_answer_by_its_prompt_and_seed(client):
+    from ldm.serve.loadtest import _answer_matches
+
+    body = client.post("/sdapi/v1/txt2img", json={"prompt": "client 3 request 1", "seed": 3000001, "steps": 2}).json()
+    assert _answer_matches(body, "client 3 request 1", 3000001)
+    assert not _answer_matches(body, "client 3 request 2", 3000001)
+    assert not _answer_matches(body, "client 3 request 1", 3000002)

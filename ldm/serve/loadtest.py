@@ -24,6 +24,8 @@ from dataclasses import dataclass, field
 import httpx
 from PIL import Image
 
+from ..png_settings import settings_from_chunks
+
 
 
 @dataclass
@@ -120,7 +122,13 @@ def _answer_matches(body: dict, prompt: str, seed: int) -> bool:
     info = json.loads(body["info"])
     (image,) = body["images"]
     png = Image.open(io.BytesIO(base64.b64decode(image)))
-    return (png.format == "PNG" and png.text.get("prompt") == prompt and png.text.get("seed") == str(seed)
+    if png.format != "PNG":
+        return False
+    try:
+        recorded = settings_from_chunks(png.text).options
+    except ValueError:  # no settings in the picture
+        return False
+    return (recorded.prompt == prompt and recorded.seed == seed
             and info["all_seeds"] == [seed] and info["all_prompts"] == [prompt])
 
 
