@@ -5,6 +5,7 @@ run them with `python -m pytest -m slow`.
 """
 
 import os
+import shutil
 
 import pytest
 import torch
@@ -20,6 +21,19 @@ if _WORKERS > 1:
     _THREADS = max(1, (os.cpu_count() or 1) // _WORKERS)
     torch.set_num_threads(_THREADS)
     os.environ["OMP_NUM_THREADS"] = str(_THREADS)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _free_module_folders(tmp_path_factory):
+    """When a test module ends, remove the folders its fixtures made with tmp_path_factory.mktemp
+    (models, runs: hundreds of MB per module). A test's own tmp_path is removed as it passes
+    (pyproject.toml's tmp_path_retention_policy) and kept when it fails; those names start with
+    the test's name, so with "test_"."""
+    yield
+    base = tmp_path_factory.getbasetemp()
+    for entry in base.iterdir():
+        if entry.is_dir() and not entry.name.startswith("test_"):
+            shutil.rmtree(entry, ignore_errors=True)
 
 
 @pytest.fixture
