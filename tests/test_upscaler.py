@@ -410,12 +410,18 @@ def test_hires_fix_with_latent_upscaling_redraws_at_the_larger_size():
     info = images[1].info
     assert (info["seed"], info["strength"], info["hires_scale"], info["hires_upscaler"]) == (5, 0.5, 2.0, "latent")
     assert (info["width"], info["height"], info["hires_steps"]) == (32, 32, 4)  # the base size; steps by default
-    # image 1 is the image of seed 5: both passes use seed + k
+    # image 1 is the image of seed 5: both passes use seed + k. A batch of one and a batch of two
+    # may round differently in the CPU's matrix kernels (~4e-6 here), so pixels may differ by one level
     single = pipe.generate("a red circle", hires_scale=2, strength=0.5, seed=5, progress=False, output_type="tensor")
-    assert np.array_equal(np.asarray(images[1]), np.asarray(to_pil(single[0])))
+    assert pixel_gap(images[1], to_pil(single[0])) <= 1
+    assert pixel_gap(images[0], to_pil(single[0])) > 50  # seed 4's picture is another
     # and its record reproduces it
     again = pipe.generate(**SamplingOptions.from_dict(info).to_dict(), progress=False)[0]
-    assert again.tobytes() == images[1].tobytes()
+    assert pixel_gap(again, images[1]) <= 1
+
+
+def pixel_gap(a: Image.Image, b: Image.Image) -> int:
+    return int(np.abs(np.asarray(a).astype(int) - np.asarray(b).astype(int)).max())
 
 
 def test_hires_fix_at_strength_zero_decodes_the_interpolated_latents():
