@@ -75,8 +75,8 @@ def test_the_step_is_the_documented_draws_of_one_generator(tmp_path, vae_file):
         keep = caption_keep_mask(2, 0.5, g)
         context = trainer.text_encoder([c if k else "" for c, k in zip(batch["caption"], keep.tolist())])
         expected = upscaler_loss(trainer.unet, z, low, context, schedule=trainer.schedule,
-                                 low_res_schedule=trainer.low_res_schedule, max_noise_level=350, prediction_type="v",
-                                 generator=g, min_snr_gamma=cfg.train.min_snr_gamma)
+                                 low_res_schedule=trainer.low_res_schedule, prediction_type="v", generator=g,
+                                 max_noise_level=cfg.model.low_res.max_noise_level, min_snr_gamma=cfg.train.min_snr_gamma)
     assert low.shape == (2, 3, 8, 8) and loss.item() == expected.item()
 
 
