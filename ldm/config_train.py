@@ -150,6 +150,9 @@ class TrainConfig:
     ema_decay: float = 0.999  # 0 disables EMA
     seed: int = 0
     min_snr_gamma: float | None = None  # Min-SNR-gamma loss weighting (5 is typical)
+    # The x0 loss weight is max(min(SNR, gamma), floor): > 0 keeps the high-noise steps, where the layout
+    # is decided from the text, from weighing ~0 (ldm.diffusion.min_snr_weight). v and x0 prediction only.
+    min_snr_floor: float = 0.0
     offset_noise: float = 0.0  # std of per-channel offset noise (0.05-0.1 helps very dark/bright images)
     timestep_shift: float = 1.0  # > 1 draws more training timesteps at high noise (ldm.diffusion.sample_timesteps)
     max_bad_steps: int = 20  # stop after this many consecutive non-finite losses
@@ -202,6 +205,12 @@ class TrainConfig:
             raise ConfigError(
                 f"train.text_encoder_lr must be > 0, or null to use train.lr (got {self.text_encoder_lr})"
             )
+        if self.min_snr_floor and self.min_snr_gamma is None:
+            raise ConfigError(f"train.min_snr_floor={self.min_snr_floor} needs train.min_snr_gamma (e.g. 5): "
+                              f"the floor bounds the Min-SNR weights from below")
+        if self.min_snr_gamma is not None and not 0 <= self.min_snr_floor <= self.min_snr_gamma:
+            raise ConfigError(f"train.min_snr_floor must be in [0, min_snr_gamma={self.min_snr_gamma}] "
+                              f"(got {self.min_snr_floor}); 0 is plain Min-SNR")
         if not self.timestep_shift > 0:
             raise ConfigError(f"train.timestep_shift must be > 0, 1 for uniform timesteps (got {self.timestep_shift})")
         if self.log_with not in ("tensorboard", "wandb", "none"):

@@ -107,6 +107,28 @@ def test_min_snr_eps_weight_at_zero_terminal_snr_is_finite():
     assert w.item() == 1.0
 
 
+def test_min_snr_floor_keeps_high_noise_weight(sd):
+    z = Schedule.from_config(DiffusionConfig(zero_terminal_snr=True))
+    t = torch.tensor([0, 300, 800, 999])
+    for sched in (sd, z):
+        snr_t = snr(t, sched, dtype=torch.float64)
+        # x0 weight max(min(snr, 5), 0.3); v = x0 weight / (snr + 1)
+        x0_w = snr_t.clamp(max=5.0).clamp(min=0.3)
+        torch.testing.assert_close(min_snr_weight(snr_t, 5.0, "x0", floor=0.3), x0_w)
+        torch.testing.assert_close(min_snr_weight(snr_t, 5.0, "v", floor=0.3), x0_w / (snr_t + 1))
+    # at zero SNR plain Min-SNR gives v nothing to learn from; the floor gives it 0.3 of the x0 loss
+    snr_T = snr(torch.tensor([999]), z, dtype=torch.float64)
+    assert min_snr_weight(snr_T, 5.0, "v").item() == 0.0
+    assert min_snr_weight(snr_T, 5.0, "v", floor=0.3).item() == pytest.approx(0.3)
+    # steps above the floor keep their Min-SNR weight exactly
+    mid = snr(torch.tensor([300]), sd, dtype=torch.float64)
+    assert min_snr_weight(mid, 5.0, "v", floor=0.3).item() == pytest.approx(min_snr_weight(mid, 5.0, "v").item())
+    with pytest.raises(ValueError, match="for v or x0 prediction"):
+        min_snr_weight(snr_T, 5.0, "eps", floor=0.3)
+    with pytest.raises(ValueError, match=r"floor must be in \[0, gamma"):
+        min_snr_weight(snr_T, 5.0, "v", floor=6.0)
+
+
 def test_timestep_sampling_uniform_and_shifted():
     # shift 1 is the plain uniform draw, the same numbers from the same generator
     uniform = sample_timesteps(5000, 1000, 1.0, torch.Generator().manual_seed(3))

@@ -71,6 +71,7 @@ def upscaler_loss(
     timestep_shift: float = 1.0,
     offset_noise: float = 0.0,
     min_snr_gamma: float | None = None,
+    min_snr_floor: float = 0.0,
 ) -> Tensor:
     """The denoising loss of one upscaler batch (a scalar, float32).
 
@@ -93,7 +94,8 @@ def upscaler_loss(
     x_t = q_sample(z0, t, noise, schedule)
     image = noise_augment(low_res.to(z0.dtype), levels, low_res_schedule, aug_noise.to(z0.dtype))
     pred = model(upscaler_input(x_t, image), t, context, levels)
-    return diffusion_loss(pred.float(), z0, noise, t, schedule, prediction_type, min_snr_gamma)
+    return diffusion_loss(pred.float(), z0, noise, t, schedule, prediction_type, min_snr_gamma,
+                          min_snr_floor=min_snr_floor)
 
 
 __all__ = [

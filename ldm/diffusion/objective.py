@@ -108,18 +108,30 @@ def snr(t: Tensor, schedule: Schedule, dtype: torch.dtype = torch.float32) -> Te
     return (ac / (1 - ac)).to(dtype=dtype).to(t.device)[t]
 
 
-def min_snr_weight(snr_t: Tensor, gamma: float, prediction_type: str) -> Tensor:
+def min_snr_weight(snr_t: Tensor, gamma: float, prediction_type: str, floor: float = 0.0) -> Tensor:
     """Min-SNR-gamma loss weights (Hang et al. 2023), written for each target.
 
     The weight is min(SNR, gamma) on the x0 loss; an eps loss equals SNR times the x0 loss and a v
     loss (SNR + 1) times it, hence min(SNR, gamma) / SNR and min(SNR, gamma) / (SNR + 1).
+
+    `floor` > 0 raises the x0 weight to max(min(SNR, gamma), floor). Without it the steps of high
+    noise weigh almost nothing (their x0 weight is SNR: 0.02 at t = 800 of SD's schedule, exactly 0
+    at a zero-SNR step), and those are the steps where a sample's layout is decided from the text
+    alone; floor 1 is the "truncated SNR" weighting of Salimans & Ho 2022 capped at gamma.
     """
     _check_type(prediction_type)
-    clipped = snr_t.clamp(max=gamma)
+    if floor < 0 or floor > gamma:
+        raise ValueError(f"the Min-SNR floor must be in [0, gamma={gamma}] (got {floor})")
+    clipped = snr_t.clamp(min=floor, max=gamma) if floor > 0 else snr_t.clamp(max=gamma)
     if prediction_type == "x0":
         return clipped
     if prediction_type == "v":
         return clipped / (snr_t + 1)
+    if floor > 0:
+        raise ValueError(
+            f"a Min-SNR floor ({floor}) is for v or x0 prediction: an eps loss already weighs the high-noise "
+            "steps fully (its weight there is 1), and a floor would make it infinite at zero SNR; set it to 0"
+        )
     # min(snr, g) / snr = min(1, g / snr); written so that snr = 0 (zero terminal SNR) gives 1, not nan
     return (gamma / snr_t).clamp(max=1)
 
@@ -133,8 +145,10 @@ def diffusion_loss(
     prediction_type: str,
     min_snr_gamma: float | None = None,
     reduction: str = "mean",
+    min_snr_floor: float = 0.0,
 ) -> Tensor:
-    """MSE between the network output and its target, optionally Min-SNR-gamma weighted.
+    """MSE between the network output and its target, optionally Min-SNR-gamma weighted (with
+    `min_snr_floor`, see `min_snr_weight`).
 
     The squared error is averaged over each sample's elements, weighted per sample, then averaged
     over the batch (`reduction="mean"`, a scalar) or returned per sample (`reduction="none"`, (B,)).
@@ -149,5 +163,6 @@ def diffusion_loss(
     target = target_for(prediction_type, x0.to(dtype), noise.to(dtype), alpha, sigma)
     per_sample = (model_output.to(dtype) - target).square().flatten(1).mean(1)  # (B,)
     if min_snr_gamma is not None:
-        per_sample = per_sample * min_snr_weight(snr(t, schedule, dtype), min_snr_gamma, prediction_type)
+        weight = min_snr_weight(snr(t, schedule, dtype), min_snr_gamma, prediction_type, min_snr_floor)
+        per_sample = per_sample * weight
     return per_sample.mean() if reduction == "mean" else per_sample

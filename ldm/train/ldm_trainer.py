@@ -160,7 +160,8 @@ class LDMTrainer(Trainer):
                 context = self.text_encoder(captions)
         pred = self.unet(x_t, t, context)
         return diffusion_loss(
-            pred.float(), z, noise, t, self.schedule, cfg.model.diffusion.prediction_type, cfg.train.min_snr_gamma
+            pred.float(), z, noise, t, self.schedule, cfg.model.diffusion.prediction_type, cfg.train.min_snr_gamma,
+            min_snr_floor=cfg.train.min_snr_floor,
         )
 
     def train_step(self, step: int, data) -> tuple[dict[str, float], dict[str, str]]:

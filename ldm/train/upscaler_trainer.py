@@ -65,6 +65,7 @@ class UpscalerTrainer(LDMTrainer):
             self.unet, z, low, context, schedule=self.schedule, low_res_schedule=self.low_res_schedule,
             max_noise_level=low_res.max_noise_level, prediction_type=cfg.model.diffusion.prediction_type,
             generator=g, timestep_shift=t.timestep_shift, offset_noise=t.offset_noise, min_snr_gamma=t.min_snr_gamma,
+            min_snr_floor=t.min_snr_floor,
         )
 
     def comparison(self, n: int) -> dict[str, torch.Tensor]:
