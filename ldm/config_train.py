@@ -38,6 +38,9 @@ class DataConfig:
     # "seen": training never shows the attribute pairs of ldm.data.shapes.HELDOUT_PAIRS, so that
     # ldm-eval's "unseen" captions test composition; "all": every combination.
     shapes_combinations: str = "all"
+    # > 1: scenes rendered shapes_scale times larger, each image a random resolution-sized window of
+    # one, with an empty caption (for stage 1 and upscalers: objects as large as an upscale makes them)
+    shapes_scale: int = 1
     shuffle_buffer: int = 1000
     num_workers: int = 2
     epoch_length: int = 1000  # folder/shards/latents: batches per rank per pass (equal on every rank)
@@ -75,6 +78,8 @@ class DataConfig:
             raise ConfigError(f"data.resolution must be >= 8 (got {self.resolution})")
         if self.shapes_combinations not in ("all", "seen"):
             raise ConfigError(f"data.shapes_combinations must be 'all' or 'seen' (got {self.shapes_combinations!r})")
+        if self.shapes_scale < 1:
+            raise ConfigError(f"data.shapes_scale must be >= 1, 1 for whole scenes (got {self.shapes_scale})")
         if self.min_size is not None and self.min_size < 0:
             raise ConfigError(f"data.min_size must be >= 0, or null for half the resolution (got {self.min_size})")
         if not 0 <= self.heldout_fraction < 1:

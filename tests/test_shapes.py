@@ -158,6 +158,27 @@ def test_dataset_items(resolution):
         ds[10]
 
 
+def test_scaled_dataset_gives_windows_of_larger_renders():
+    whole = ShapesDataset(resolution=32, length=50, seed=2, max_objects=4)
+    windows = ShapesDataset(resolution=32, length=50, seed=2, max_objects=4, scale=4)
+    seen = set()
+    for i in range(50):
+        item = windows[i]
+        top, left = windows.window(i)
+        assert 0 <= top <= 96 and 0 <= left <= 96
+        seen.add((top, left))
+        scene = whole.scene(i)  # the same scene as the unscaled stream's, rendered at 128 px
+        big = torch.from_numpy(render_array(scene, 128)).permute(2, 0, 1)
+        assert item["image"].shape == (3, 32, 32)
+        assert torch.equal(((item["image"] + 1) * 127.5).round().to(torch.uint8), big[:, top:top + 32, left:left + 32])
+        assert item["caption"] == "" and item["scene"] == scene.to_dict()
+        assert windows.window(i) == ShapesDataset(resolution=32, length=50, seed=2, scale=4).window(i)  # deterministic
+    assert len(seen) > 40  # windows anywhere in the scene, not one fixed crop
+    assert whole.window(3) == (0, 0) and whole[3]["caption"] == whole.scene(3).caption()
+    with pytest.raises(ValueError, match="scale must be >= 1"):
+        ShapesDataset(scale=0)
+
+
 def test_heldout_split_is_a_different_stream():
     train = ShapesDataset(resolution=32, length=1000, seed=0, max_objects=2, split="train")
     heldout = ShapesDataset(resolution=32, length=1000, seed=0, max_objects=2, split="heldout")

@@ -107,7 +107,7 @@ def shapes_batches(
     from .shapes import ShapesDataset
 
     dataset = ShapesDataset(resolution=data.resolution, length=2**62, seed=seed, max_objects=data.shapes_max_objects,
-                            combinations=data.shapes_combinations)
+                            combinations=data.shapes_combinations, scale=data.shapes_scale)
     index = start_step * micro_steps
     while True:
         base = (index * world + rank) * batch_size
@@ -177,7 +177,7 @@ def heldout_items(data: DataConfig, seed: int, n: int | None = None) -> list[dic
         from .shapes import ShapesDataset
 
         dataset = ShapesDataset(data.resolution, n, seed, data.shapes_max_objects, split="heldout",
-                                combinations=data.shapes_combinations)
+                                combinations=data.shapes_combinations, scale=data.shapes_scale)
         return [{k: v for k, v in dataset[i].items() if k != "scene"} for i in range(n)]
     urls = data.heldout_urls or data.urls
     keep = _split(data, heldout=True)

@@ -337,10 +337,13 @@ class ShapesDataset(torch.utils.data.Dataset):
     may also occur in training, as with any finite vocabulary). `combinations` ("all", "seen" or
     "unseen", see `sample_scene`) keeps the pairs of `HELDOUT_PAIRS` out of a training stream, or
     draws only objects holding one, so that a model is also tested on captions it cannot have read.
+    `scale` > 1 renders each scene `scale` times larger and returns a random resolution-sized window
+    of it, with an empty caption (the window may not show what the caption names): objects up to
+    `scale` times larger than a whole scene's, the data an upscaler to `scale` times needs.
     """
 
     def __init__(self, resolution: int = 64, length: int = 100_000, seed: int = 0, max_objects: int = 1,
-                 split: str = "train", combinations: str = "all"):
+                 split: str = "train", combinations: str = "all", scale: int = 1):
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS} (got {split!r})")
         if combinations not in COMBINATIONS:
@@ -351,8 +354,10 @@ class ShapesDataset(torch.utils.data.Dataset):
             raise ValueError(f"length and seed must be >= 0 (got length={length}, seed={seed})")
         if not 1 <= max_objects <= len(POSITIONS):
             raise ValueError(f"max_objects must be in 1..{len(POSITIONS)} (got {max_objects})")
+        if scale < 1:
+            raise ValueError(f"scale must be >= 1 (got {scale}); 1 renders whole scenes")
         self.resolution, self.length, self.seed = resolution, length, seed
-        self.max_objects, self.split, self.combinations = max_objects, split, combinations
+        self.max_objects, self.split, self.combinations, self.scale = max_objects, split, combinations, scale
 
     def __len__(self) -> int:
         return self.length
@@ -365,12 +370,24 @@ class ShapesDataset(torch.utils.data.Dataset):
         # alike), and ~10x cheaper to set up than a numpy Generator.
         return sample_scene(random.Random(f"{self.seed}/{self.split}/{i}"), self.max_objects, self.combinations)
 
+    def window(self, i: int) -> tuple[int, int]:
+        """(top, left) of item i's window in its scene rendered `scale` times larger; (0, 0) at scale 1."""
+        if self.scale == 1:
+            return 0, 0
+        rng = random.Random(f"{self.seed}/{self.split}/{i}/window")
+        span = self.resolution * (self.scale - 1)
+        return rng.randint(0, span), rng.randint(0, span)
+
     def __getitem__(self, i: int) -> dict:
         scene = self.scene(int(i))
-        img = torch.from_numpy(render_array(scene, self.resolution)).permute(2, 0, 1)  # (3, H, W) uint8
+        img = render_array(scene, self.resolution * self.scale)
+        if self.scale > 1:  # a window of the larger render: the caption would name objects it may not show
+            top, left = self.window(int(i))
+            img = img[top:top + self.resolution, left:left + self.resolution]
+        img = torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1)  # (3, H, W) uint8
         return {
             "image": img.float().div_(127.5).sub_(1.0),
-            "caption": scene.caption(),
+            "caption": scene.caption() if self.scale == 1 else "",
             "scene": scene.to_dict(),
         }
 
