@@ -95,6 +95,24 @@ def test_reconstruction_probe_of_an_exact_autoencoder_is_perfect():
     assert set(result) >= {"colour", "shape", "size", "position", "count", "background"}
 
 
+def test_noise_prior_scores_a_decoder_that_draws_the_truth_or_only_the_background(pipe, monkeypatch):
+    from ldm.data.shapes import BACKGROUNDS, render_array
+
+    scenes = probes._scenes(16, 4)  # the captions noise_prior asks for, in its order
+    truth = torch.stack([torch.from_numpy(render_array(s, 32)).permute(2, 0, 1) for s in scenes]).float() / 127.5 - 1
+    blank = torch.stack([torch.tensor(BACKGROUNDS[s.background]).float().div(127.5).sub(1)[:, None, None].expand(3, 32, 32)
+                         for s in scenes])
+    # Whatever the U-Net predicts, a decoder that returns the scenes draws each object fully in place
+    monkeypatch.setattr(pipe.vae, "decode", lambda z: truth)
+    result = probes.noise_prior(pipe, n=16, draws=1)
+    assert result["contrast"] == pytest.approx(1.0) and result["place_right"] == 1.0 and result["t"] == 999
+    # ... one that returns the backgrounds draws nothing anywhere (a uniform tint changes nothing)
+    monkeypatch.setattr(pipe.vae, "decode", lambda z: blank)
+    assert probes.noise_prior(pipe, n=16, draws=1)["contrast"] == 0.0
+    monkeypatch.setattr(pipe.vae, "decode", lambda z: (truth + 0.2).clamp(-1, 1))
+    assert probes.noise_prior(pipe, n=16, draws=1)["place_right"] == 1.0
+
+
 def test_probe_tool_prints_and_writes_the_text_probe_and_checks_its_arguments(tmp_path, capsys):
     import json
 
@@ -109,4 +127,4 @@ def test_probe_tool_prints_and_writes_the_text_probe_and_checks_its_arguments(tm
     assert set(result["text_readout"]) == {"last", "mean", "all"}
     with pytest.raises(SystemExit):
         main([*args, "--only", "latent,novel"])
-    assert "--only takes a comma-separated subset of text, attention, latent, swap (got 'latent,novel')" in capsys.readouterr().err
+    assert "--only takes a comma-separated subset of text, attention, latent, swap, prior (got 'latent,novel')" in capsys.readouterr().err

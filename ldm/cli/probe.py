@@ -13,7 +13,9 @@ Prints, for each attribute of a caption (colour, shape, size, position, backgrou
              (1.0: the word cannot say where to draw); --attention-png also draws the maps;
   latent     the detector on autoencoder reconstructions of every single-object scene;
   swap       denoising loss with the attribute swapped in the caption / with the true caption,
-             per timestep (1.0: the U-Net ignores the word there).
+             per timestep (1.0: the U-Net ignores the word there);
+  prior      the model's clean image from pure noise (the last timestep, where sampling starts):
+             how much of the object the caption alone draws, and what share lands in its cell.
 See ldm/eval/probes.py and docs/training.md ("The tiny run").
 """
 
@@ -31,7 +33,7 @@ from ..eval import probes
 from ..eval.report import attention_image, save_figure
 from .common import add_model_args, load_pipeline, run_main
 
-PROBES = ("text", "attention", "latent", "swap")
+PROBES = ("text", "attention", "latent", "swap", "prior")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -103,6 +105,12 @@ def main(argv: list[str] | None = None) -> int:
         print("swap: loss with the attribute swapped / with the true caption, per timestep")
         for attr, per_t in out["swap_loss"].items():
             print(f"  {attr:<10} " + "  ".join(f"t{t} {v:.3f}" for t, v in per_t.items()))
+    if "prior" in only:
+        out["noise_prior"] = probes.noise_prior(pipe, n=min(args.n, 64))
+        p = out["noise_prior"]
+        print(f"prior: the clean image predicted from pure noise at t={p['t']}, from the caption alone")
+        print(f"  contrast of the object's cell {p['contrast']:.2f} (0: nothing in place, 1: the object); "
+              f"inkiest cell is the object's for {p['place_right']:.0%} of captions (11% at random)")
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(out, indent=2, default=str))

@@ -14,6 +14,9 @@ Each answers one question about a trained `LDMPipeline` on the built-in shapes d
 - `swap_loss`: does the U-Net use an attribute: its denoising loss with one attribute of the
   caption swapped for another value, relative to the true caption, per timestep. 1.0 means the
   model ignores that word at that noise level.
+- `noise_prior`: what does the text alone make the model draw: its prediction of the clean image
+  from pure noise at the last timestep, where sampling starts and nothing but the caption says
+  where the object goes (the optimum is the scene itself: a caption fixes every pixel).
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ import numpy as np
 import torch
 
 from ..data.shapes import BACKGROUNDS, COLOURS, POSITIONS, SHAPES, SIZES, Scene, Shape, render_array, sample_scene
-from ..diffusion import diffusion_loss, q_sample
+from ..diffusion import diffusion_loss, pred_to_x0, q_sample
 from ..models.attention import CrossAttention
 from ..pipeline import LDMPipeline
 from .adherence import detect, score
@@ -260,3 +263,44 @@ def swap_loss(pipe: LDMPipeline, n: int = 128, timesteps: Sequence[int] = (100, 
                 loss = diffusion_loss(pred, z, noise, tt, pipe.schedule, pipe.diffusion.prediction_type)
                 losses[name][t] += loss.item() * len(chunk)
     return {a: {t: losses[a][t] / losses["true"][t] for t in timesteps} for a in VOCABULARY}
+
+
+@torch.inference_mode()
+def noise_prior(pipe: LDMPipeline, n: int = 64, draws: int = 4, seed: int = 0) -> dict[str, float]:
+    """The model's clean-image prediction from pure noise at the last timestep, averaged over
+    `draws` noises and decoded, for n single-object captions. Per pixel, its distance from the
+    caption's background colour (RGB, in [-1, 1] units) is the "ink" drawn there, and per grid
+    cell its mean ink:
+
+    contrast:    (ink on the object's cell - mean ink on the other cells) / the true scene's ink on
+                 the object's cell. 0: the caption alone puts nothing in its place; 1: the object
+                 at full colour (a uniform tint, e.g. a background a little off, cancels out);
+    place_right: share of captions whose inkiest cell is the object's (1/9 when it is random).
+    """
+    res = pipe.defaults.height
+    scenes = _scenes(n, seed + 4)
+    context = pipe.encode_prompt([s.caption() for s in scenes])
+    t = pipe.schedule.num_timesteps - 1
+    tt = torch.full((n,), t, device=pipe.device, dtype=torch.long)
+    alpha, sigma = pipe.schedule.alpha_sigma(tt)
+    alpha, sigma = alpha.to(pipe.device)[:, None, None, None], sigma.to(pipe.device)[:, None, None, None]
+    f, ch = pipe.vae.downsample_factor, pipe.unet.cfg.out_channels
+    g = torch.Generator().manual_seed(seed)
+    x0 = 0
+    for _ in range(draws):
+        x_t = torch.randn(n, ch, res // f, res // f, generator=g).to(pipe.device)  # unit variance: where sampling starts
+        pred = pipe.unet(x_t.to(pipe.dtype), tt, context).float()
+        x0 = x0 + pred_to_x0(pred, x_t, alpha, sigma, pipe.diffusion.prediction_type) / draws
+    img = pipe.vae.decode((x0 / pipe.vae.scaling_factor).to(pipe.dtype)).float().clamp(-1, 1).cpu()
+    cells = {p: _cell_mask(p, res) for p in POSITIONS}
+    contrast, right = [], []
+    for scene, im in zip(scenes, img):
+        bg = torch.tensor(BACKGROUNDS[scene.background], dtype=torch.float32).div(127.5).sub(1)[:, None, None]
+        truth = torch.from_numpy(render_array(scene, res)).permute(2, 0, 1).float().div(127.5).sub(1)
+        ink, true_ink = (im - bg).norm(dim=0), (truth - bg).norm(dim=0)
+        where = scene.objects[0].position
+        per_cell = {p: float(ink[m].mean()) for p, m in cells.items()}
+        others = np.mean([v for p, v in per_cell.items() if p != where])
+        contrast.append((per_cell[where] - others) / float(true_ink[cells[where]].mean()))
+        right.append(max(per_cell, key=per_cell.get) == where)
+    return {"contrast": float(np.mean(contrast)), "place_right": float(np.mean(right)), "t": t}
