@@ -72,8 +72,14 @@ class UNetConfig:
     # each pixel's (y, x) to its tokens (ldm.models.attention.FourierPositions), so that words like
     # "top left" can reach the right pixels. 0: none, the original SD layout (its checkpoints need 0).
     position_embedding_freqs: int = 0
+    # > 0: a learned linear map from the mean text state to a text_layout_grid x text_layout_grid map
+    # of model_channels, resized to the latent and added after the input conv (UNet.layout): a direct
+    # path from words like "top left" to places. 0: none, the original SD layout (its checkpoints need 0).
+    text_layout_grid: int = 0
 
     def validate(self) -> None:
+        if self.text_layout_grid < 0:
+            raise ConfigError(f"unet: text_layout_grid must be >= 0 (got {self.text_layout_grid}); 0 turns it off")
         if self.position_embedding_freqs < 0:
             raise ConfigError(f"unet: position_embedding_freqs must be >= 0 (got {self.position_embedding_freqs}); 0 turns it off")
         if self.num_classes is not None and self.num_classes < 1:

@@ -16,10 +16,10 @@ def test_the_unet_is_sharded_block_by_block_and_the_text_encoder_layer_by_layer(
     units = shard_units(unet)
     assert units == [*unet.input_blocks, unet.middle_block, *unet.output_blocks]
     assert all(isinstance(u, UNetBlock) for u in units)
-    # Left to the root unit: only the time embedding and the output layer.
+    # Left to the root unit: only the time embedding, the output layer and the text layout map.
     inside = {id(p) for u in units for p in u.parameters()}
     rest = {name.split(".")[0] for name, p in unet.named_parameters() if id(p) not in inside}
-    assert rest == {"time_embed", "out"}
+    assert rest == {"time_embed", "out", "layout"}
     text_units = shard_units(text_encoder)
     assert len(text_units) == cfg.model.text_encoder.layers
     frozen = text_encoder.requires_grad_(False)

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from ldm.config import UNetConfig, load_config
+from ldm.config import ConfigError, UNetConfig, load_config
 from ldm.models import layers
 from ldm.models.attention import BasicTransformerBlock, SpatialTransformer
 from ldm.models.layers import ResBlock, timestep_embedding
@@ -281,3 +281,56 @@ def test_position_embedding_round_trips_in_our_file_and_is_refused_as_a_single_f
     with pytest.raises(ConfigError, match="no single-file form"):
         pipe.save_single_file(tmp_path / "sd.safetensors")
     assert not (tmp_path / "sd.safetensors").exists()
+
+
+# --- text layout map (off by default) ---------------------------------------------------------
+
+
+def test_text_layout_adds_one_projection_and_starts_as_a_no_op():
+    plain = randomize_zeroed(UNet(tiny_config()))
+    laid = UNet(tiny_config(text_layout_grid=3))
+    extra = set(laid.state_dict()) - set(plain.state_dict())
+    assert extra == {"layout.weight", "layout.bias"}
+    assert laid.state_dict()["layout.weight"].shape == (16 * 3 * 3, 12)  # model_channels x grid^2 from context_dim
+    laid.load_state_dict(plain.state_dict(), strict=False)
+    x, ctx = torch.randn(2, 4, 8, 8), torch.randn(2, 5, 12)
+    torch.testing.assert_close(laid(x, 10, ctx), plain(x, 10, ctx), rtol=0, atol=0)  # zero-initialised
+
+
+def test_text_layout_puts_a_text_direction_at_its_place():
+    # A map that reads context feature 0 into the top-left cell of a 2x2 grid (channel 0) adds,
+    # after the input conv, exactly that cell's bilinear resize: the text decides where.
+    unet = UNet(tiny_config(text_layout_grid=2))
+    with torch.no_grad():
+        unet.layout.weight.zero_()
+        unet.layout.weight[0, 0] = 1.0  # output (channel 0, row 0, col 0) <- mean context feature 0
+    ctx = torch.zeros(1, 5, 12)
+    ctx[0, :, 0] = 2.0
+    added = unet._layout(ctx, (8, 8))
+    expect = torch.nn.functional.interpolate(torch.tensor([[[[2.0, 0.0], [0.0, 0.0]]]]), size=(8, 8), mode="bilinear",
+                                             align_corners=False)
+    torch.testing.assert_close(added[:, :1], expect)
+    assert added[:, 1:].abs().max() == 0
+    assert added[0, 0, 0, 0] == 2.0 and added[0, 0, -1, -1] == 0.0  # top left lit, bottom right not
+    # any latent size: the same map resized
+    assert unet._layout(ctx, (6, 10)).shape == (1, 16, 6, 10)
+    with pytest.raises(ConfigError, match="text_layout_grid must be >= 0"):
+        UNet(tiny_config(text_layout_grid=-1))
+
+
+def test_text_layout_round_trips_in_our_file_and_has_no_sd_or_diffusers_form(tmp_path):
+    from ldm import LDMPipeline
+    from ldm.convert.diffusers import unet_config_to_diffusers
+    from tests.helpers import FAST, SD_TINY, randomize
+
+    pipe = randomize(LDMPipeline.from_config(SD_TINY, [*FAST, "model.unet.text_layout_grid=4"]))
+    weight = pipe.unet.state_dict()["layout.weight"]
+    assert weight.abs().max() > 0
+    back = LDMPipeline.from_checkpoint(pipe.save(tmp_path / "m.safetensors"))
+    assert back.config.model.unet.text_layout_grid == 4
+    torch.testing.assert_close(back.unet.state_dict()["layout.weight"], weight)
+    with pytest.raises(ConfigError, match="no single-file form"):
+        pipe.save_single_file(tmp_path / "sd.safetensors")
+    assert not (tmp_path / "sd.safetensors").exists()
+    with pytest.raises(ConfigError, match="no diffusers form"):
+        unet_config_to_diffusers(pipe.config.model.unet)

@@ -109,6 +109,8 @@ def _build_layers(unet: UNetConfig, text: TextEncoderConfig) -> dict[str, Layer]
     modules = unet_module_map(unet)
     for path, m in unet_model.named_modules():
         if isinstance(m, (nn.Linear, nn.Conv2d)):
+            if path == "layout" or path.endswith(".pos_embed.proj"):  # not in the SD layout: no LoRA file names them
+                continue
             theirs = _rename(path + ".weight", modules).removesuffix(".weight")
             layer = Layer(Target("unet", path + ".weight"), tuple(m.weight.shape),
                           "lora_unet_" + theirs.replace(".", "_"), "unet." + theirs)

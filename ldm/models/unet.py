@@ -54,6 +54,8 @@ class UNet(nn.Module):
         # Encoder: the input conv, then per level num_res_blocks ResBlocks (+ transformer), then a
         # Downsample except at the last level. Every block's output is a skip for the decoder.
         self.input_blocks = nn.ModuleList([UNetBlock(nn.Conv2d(cfg.in_channels, mc, 3, padding=1))])
+        if cfg.text_layout_grid:  # the mean text state -> a coarse map added to the input conv's output
+            self.layout = zero_module(nn.Linear(cfg.context_dim, mc * cfg.text_layout_grid**2))
         skip_channels = [mc]
         ch, factor = mc, 1
         last_level = len(cfg.channel_mult) - 1
@@ -117,6 +119,12 @@ class UNet(nn.Module):
             position_freqs=cfg.position_embedding_freqs,
         )
 
+    def _layout(self, context: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        """(B, model_channels, *size): the text's coarse layout map, bilinearly resized to the latent."""
+        g = self.cfg.text_layout_grid
+        grid = self.layout(context.mean(dim=1)).view(context.shape[0], self.cfg.model_channels, g, g)
+        return nn.functional.interpolate(grid, size=tuple(size), mode="bilinear", align_corners=False)
+
     def set_gradient_checkpointing(self, enabled: bool) -> None:
         """Recompute ResBlock and transformer activations in the backward pass (training only)."""
         for m in self.modules():
@@ -150,8 +158,10 @@ class UNet(nn.Module):
 
         h = x.to(dtype)
         skips = []
-        for block in self.input_blocks:
+        for i, block in enumerate(self.input_blocks):
             h = block(h, emb, context)
+            if i == 0 and self.cfg.text_layout_grid:
+                h = h + self._layout(context, h.shape[-2:])
             skips.append(h)
         h = self.middle_block(h, emb, context)
         for block in self.output_blocks:

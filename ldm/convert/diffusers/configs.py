@@ -46,6 +46,11 @@ def unet_config_to_diffusers(cfg: UNetConfig, sample_size: int = 64) -> dict:
             "position embedding in its transformers, so this U-Net has no diffusers form; keep it in our "
             ".safetensors file (LDMPipeline.save)"
         )
+    if cfg.text_layout_grid:
+        raise ConfigError(
+            f"unet.text_layout_grid={cfg.text_layout_grid}: diffusers' UNet2DConditionModel has no text layout "
+            "map, so this U-Net has no diffusers form; keep it in our .safetensors file (LDMPipeline.save)"
+        )
     n = len(cfg.channel_mult)
     channels = [cfg.model_channels * m for m in cfg.channel_mult]
     attn = [2**level in cfg.attention_resolutions for level in range(n)]

@@ -54,6 +54,12 @@ def single_file_tensors(state: ModelState, dtype: torch.dtype | None = None) -> 
             "in its transformers, so this model has no single-file form; keep it in our .safetensors file "
             "(LDMPipeline.save)"
         )
+    grid = state.config.model.unet.text_layout_grid
+    if grid:
+        raise ConfigError(
+            f"unet.text_layout_grid={grid}: the original Stable Diffusion U-Net has no text layout map, so this "
+            "model has no single-file form; keep it in our .safetensors file (LDMPipeline.save)"
+        )
     tensors: dict[str, torch.Tensor] = {}
     for name, part in state.parts.items():
         for key, value in part.items():
