@@ -77,6 +77,17 @@ class UNetConfig:
     # path from words like "top left" to places. 0: none, the original SD layout (its checkpoints need 0).
     text_layout_grid: int = 0
 
+    def parts_outside_sd_layout(self) -> list[str]:
+        """The optional parts turned on here that neither the original SD U-Net nor diffusers' has,
+        each as "key=value (what it adds)"; empty for a U-Net every format can hold."""
+        parts = []
+        if self.position_embedding_freqs:
+            parts.append(f"unet.position_embedding_freqs={self.position_embedding_freqs} "
+                         "(a position embedding in its transformers)")
+        if self.text_layout_grid:
+            parts.append(f"unet.text_layout_grid={self.text_layout_grid} (a text layout map)")
+        return parts
+
     def validate(self) -> None:
         if self.text_layout_grid < 0:
             raise ConfigError(f"unet: text_layout_grid must be >= 0 (got {self.text_layout_grid}); 0 turns it off")

@@ -267,22 +267,6 @@ def test_position_embedding_is_validated_and_has_no_diffusers_form():
         unet_config_to_diffusers(tiny_config(position_embedding_freqs=4))
 
 
-def test_position_embedding_round_trips_in_our_file_and_is_refused_as_a_single_file(tmp_path):
-    from ldm import LDMPipeline
-    from ldm.config import ConfigError
-    from tests.helpers import FAST, SD_TINY, randomize
-
-    pipe = randomize(LDMPipeline.from_config(SD_TINY, [*FAST, "model.unet.position_embedding_freqs=2"]))
-    weight = pipe.unet.state_dict()["input_blocks.1.1.pos_embed.proj.weight"]
-    assert weight.shape == (32, 8) and weight.abs().max() > 0
-    back = LDMPipeline.from_checkpoint(pipe.save(tmp_path / "m.safetensors"))
-    assert back.config.model.unet.position_embedding_freqs == 2
-    torch.testing.assert_close(back.unet.state_dict()["input_blocks.1.1.pos_embed.proj.weight"], weight)
-    with pytest.raises(ConfigError, match="no single-file form"):
-        pipe.save_single_file(tmp_path / "sd.safetensors")
-    assert not (tmp_path / "sd.safetensors").exists()
-
-
 # --- text layout map (off by default) ---------------------------------------------------------
 
 
@@ -318,19 +302,26 @@ def test_text_layout_puts_a_text_direction_at_its_place():
         UNet(tiny_config(text_layout_grid=-1))
 
 
-def test_text_layout_round_trips_in_our_file_and_has_no_sd_or_diffusers_form(tmp_path):
+# --- both optional parts ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("key, value, weight_name, shape", [
+    ("position_embedding_freqs", 2, "input_blocks.1.1.pos_embed.proj.weight", (32, 8)),
+    ("text_layout_grid", 4, "layout.weight", (32 * 4 * 4, 64)),
+])
+def test_optional_parts_round_trip_in_our_file_and_have_no_sd_or_diffusers_form(tmp_path, key, value, weight_name, shape):
     from ldm import LDMPipeline
     from ldm.convert.diffusers import unet_config_to_diffusers
     from tests.helpers import FAST, SD_TINY, randomize
 
-    pipe = randomize(LDMPipeline.from_config(SD_TINY, [*FAST, "model.unet.text_layout_grid=4"]))
-    weight = pipe.unet.state_dict()["layout.weight"]
-    assert weight.abs().max() > 0
+    pipe = randomize(LDMPipeline.from_config(SD_TINY, [*FAST, f"model.unet.{key}={value}"]))
+    weight = pipe.unet.state_dict()[weight_name]
+    assert weight.shape == shape and weight.abs().max() > 0
     back = LDMPipeline.from_checkpoint(pipe.save(tmp_path / "m.safetensors"))
-    assert back.config.model.unet.text_layout_grid == 4
-    torch.testing.assert_close(back.unet.state_dict()["layout.weight"], weight)
-    with pytest.raises(ConfigError, match="no single-file form"):
+    assert getattr(back.config.model.unet, key) == value
+    torch.testing.assert_close(back.unet.state_dict()[weight_name], weight)
+    with pytest.raises(ConfigError, match=f"unet.{key}={value} .*no single-file form"):
         pipe.save_single_file(tmp_path / "sd.safetensors")
     assert not (tmp_path / "sd.safetensors").exists()
-    with pytest.raises(ConfigError, match="no diffusers form"):
+    with pytest.raises(ConfigError, match=f"unet.{key}={value} .*no diffusers form"):
         unet_config_to_diffusers(pipe.config.model.unet)

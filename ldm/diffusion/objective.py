@@ -122,7 +122,7 @@ def min_snr_weight(snr_t: Tensor, gamma: float, prediction_type: str, floor: flo
     _check_type(prediction_type)
     if floor < 0 or floor > gamma:
         raise ValueError(f"the Min-SNR floor must be in [0, gamma={gamma}] (got {floor})")
-    clipped = snr_t.clamp(min=floor, max=gamma) if floor > 0 else snr_t.clamp(max=gamma)
+    clipped = snr_t.clamp(min=floor, max=gamma)  # SNR >= 0: floor 0 is plain Min-SNR
     if prediction_type == "x0":
         return clipped
     if prediction_type == "v":

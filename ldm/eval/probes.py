@@ -282,8 +282,7 @@ def noise_prior(pipe: LDMPipeline, n: int = 64, draws: int = 4, seed: int = 0) -
     context = pipe.encode_prompt([s.caption() for s in scenes])
     t = pipe.schedule.num_timesteps - 1
     tt = torch.full((n,), t, device=pipe.device, dtype=torch.long)
-    alpha, sigma = pipe.schedule.alpha_sigma(tt)
-    alpha, sigma = alpha.to(pipe.device)[:, None, None, None], sigma.to(pipe.device)[:, None, None, None]
+    alpha, sigma = pipe.schedule.alpha_sigma(tt)  # (n,), on tt's device; pred_to_x0 broadcasts them
     f, ch = pipe.vae.downsample_factor, pipe.unet.cfg.out_channels
     g = torch.Generator().manual_seed(seed)
     x0 = 0

@@ -40,16 +40,11 @@ def unet_config_to_diffusers(cfg: UNetConfig, sample_size: int = 64) -> dict:
     """`UNet2DConditionModel` config. Heads: diffusers' `attention_head_dim` is the head *count*
     (per level when a list): SD 1.x's num_heads=8 gives 8, SD 2.x's 64-channel heads give
     [5, 10, 20, 20]."""
-    if cfg.position_embedding_freqs:
+    extra = cfg.parts_outside_sd_layout()
+    if extra:
         raise ConfigError(
-            f"unet.position_embedding_freqs={cfg.position_embedding_freqs}: diffusers' UNet2DConditionModel has no "
-            "position embedding in its transformers, so this U-Net has no diffusers form; keep it in our "
-            ".safetensors file (LDMPipeline.save)"
-        )
-    if cfg.text_layout_grid:
-        raise ConfigError(
-            f"unet.text_layout_grid={cfg.text_layout_grid}: diffusers' UNet2DConditionModel has no text layout "
-            "map, so this U-Net has no diffusers form; keep it in our .safetensors file (LDMPipeline.save)"
+            f"{'; '.join(extra)}: diffusers' UNet2DConditionModel has no such part, so this U-Net has no diffusers "
+            "form; keep it in our .safetensors file (LDMPipeline.save)"
         )
     n = len(cfg.channel_mult)
     channels = [cfg.model_channels * m for m in cfg.channel_mult]

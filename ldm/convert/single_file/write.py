@@ -47,18 +47,11 @@ def single_file_tensors(state: ModelState, dtype: torch.dtype | None = None) -> 
     """Every tensor of an original single file: model weights under the original prefixes (cast to
     `dtype` when given), the schedule buffers in float32 (an upscaler's low-resolution ones under
     `low_scale_model.`), and SD 1.x's CLIP `position_ids`."""
-    freqs = state.config.model.unet.position_embedding_freqs
-    if freqs:
+    extra = state.config.model.unet.parts_outside_sd_layout()
+    if extra:
         raise ConfigError(
-            f"unet.position_embedding_freqs={freqs}: the original Stable Diffusion U-Net has no position embedding "
-            "in its transformers, so this model has no single-file form; keep it in our .safetensors file "
-            "(LDMPipeline.save)"
-        )
-    grid = state.config.model.unet.text_layout_grid
-    if grid:
-        raise ConfigError(
-            f"unet.text_layout_grid={grid}: the original Stable Diffusion U-Net has no text layout map, so this "
-            "model has no single-file form; keep it in our .safetensors file (LDMPipeline.save)"
+            f"{'; '.join(extra)}: the original Stable Diffusion U-Net has no such part, so this model has no "
+            "single-file form; keep it in our .safetensors file (LDMPipeline.save)"
         )
     tensors: dict[str, torch.Tensor] = {}
     for name, part in state.parts.items():
