@@ -168,3 +168,35 @@ def _convert(tp: Any, value: Any, where: str) -> Any:
     if tp is Any:
         return value
     raise TypeError(f"config type {tp} at {where} is not supported")
+
+
+def shipped_configs_writing(path: str | Path) -> list[str]:
+    """Commands that write the model or VAE file `path` (`<output_dir>/model.safetensors` or
+    `vae.safetensors`) from a shipped config: the stage-2 run that trains it, or whose stage 1 does,
+    before a VAE config's own run. Empty for any other file."""
+    path = Path(path)
+    stage2, stage1 = [], []
+    for config in sorted(config_dir().glob("*.yaml")):
+        try:
+            train = load_yaml(config).get("train") or {}
+        except ConfigError:
+            continue
+        made_here = Path(str(train.get("output_dir", ""))) == path.parent
+        if path.name == "model.safetensors" and made_here:
+            stage2.append(f"python tools/train_ldm.py configs/{config.name}")
+        elif path.name == "vae.safetensors":
+            if Path(str(train.get("vae_checkpoint", ""))) == path:
+                stage2.append(f"python tools/train_ldm.py configs/{config.name}")
+            elif made_here:
+                stage1.append(f"python tools/train_vae.py configs/{config.name}")
+    return stage2 + stage1
+
+
+def missing_start(path: str, config: str = "") -> str:
+    """The error for a run's starting model `path` (`train.init_from`, of `config` when it is not the
+    run's own) that does not exist, with the command that makes it where a shipped config does."""
+    key = f"train.init_from of {config}" if config else "train.init_from"
+    makers = shipped_configs_writing(path)
+    fix = (f"train that first ({' or '.join(f'`{m}`' for m in makers[:2])} writes it), or point {key} at "
+           "another file") if makers else f"check the path, or point {key} at an existing model file or folder"
+    return f"{key}: {path} not found: {fix}"

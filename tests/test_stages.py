@@ -8,6 +8,7 @@ import pytest
 
 from helpers import ROOT
 from ldm.config import load_config
+from ldm.config_io import missing_start
 from ldm.train.stages import stage1_config, train_stages
 
 
@@ -62,3 +63,26 @@ def test_bad_data_and_mismatched_paths_fail_before_stage_1(tmp_path):
                                                       "train.vae_config="])
     with pytest.raises(ValueError, match="train.vae_config is empty"):
         train_stages(cfg, log=lambda line: None)
+
+
+def test_a_missing_base_model_fails_before_any_training(tmp_path):
+    # sr_tiny_128 fine-tunes sr_tiny: both of its stages start from a file (missing here).
+    vae = write(tmp_path / "vae.yaml", f"base: {ROOT / 'configs/vae_sr_tiny_128.yaml'}\n"
+                f"train:\n  output_dir: {tmp_path}/vae\n  init_from: {tmp_path}/vae_sr_tiny/vae.safetensors\n")
+    common = [f"train.vae_config={vae}", f"train.vae_checkpoint={tmp_path}/vae/vae.safetensors",
+              f"train.output_dir={tmp_path}/sr"]
+    cfg = load_config(ROOT / "configs/sr_tiny_128.yaml", [*common, f"train.init_from={tmp_path}/sr_tiny/model.safetensors"])
+    with pytest.raises(ValueError, match=r"^train.init_from: .*sr_tiny/model.safetensors not found: check the path"):
+        train_stages(cfg, log=lambda line: None)
+    cfg = load_config(ROOT / "configs/sr_tiny_128.yaml", [*common, f"train.init_from={tmp_path}"])  # exists: stage 1's is checked
+    with pytest.raises(ValueError, match=r"^train.init_from of .*vae.yaml: .*vae_sr_tiny/vae.safetensors not found"):
+        train_stages(cfg, log=lambda line: None)
+    assert not (tmp_path / "vae").exists() and not (tmp_path / "sr").exists()
+
+
+def test_missing_start_names_the_shipped_run_that_writes_the_file():
+    assert "`python tools/train_ldm.py configs/sr_tiny.yaml` writes it" in missing_start("runs/sr_tiny/model.safetensors")
+    assert "`python tools/train_ldm.py configs/sd_tiny.yaml` or `python tools/train_vae.py configs/vae_tiny.yaml`" \
+        in missing_start("runs/vae_tiny/vae.safetensors")
+    assert missing_start("elsewhere/model.safetensors").endswith("check the path, or point train.init_from at an "
+                                                                 "existing model file or folder")
