@@ -157,6 +157,15 @@ def test_sr_tiny_upscales_any_size_four_times():
         assert out.shape == (1, 3, 4 * size, 4 * size)
 
 
+def test_sr_tiny_128_is_sr_tiny_trained_at_the_chain_size():
+    base, chain = load_config(CONFIGS / "sr_tiny.yaml"), load_config(CONFIGS / "sr_tiny_128.yaml")
+    assert chain.model == base.model  # the same networks; only the data and the run differ
+    assert chain.data.resolution == chain.sample.height == chain.sample.width == 128  # 32 px in, 128 px out
+    assert chain.data.degrade.blur_prob > 0  # the chain's inputs are softer than a clean downscale
+    vae = load_config(ROOT / chain.train.vae_config)
+    assert vae.data.resolution == 128 and chain.train.vae_checkpoint == f"{vae.train.output_dir}/vae.safetensors"
+
+
 def test_existing_configs_have_no_upscaler_parts():
     for name in ("sd15", "sd21", "sd_tiny"):
         cfg = load_config(CONFIGS / f"{name}.yaml").model

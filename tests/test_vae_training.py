@@ -343,7 +343,8 @@ def test_tool_trains_and_reports_where_things_went(tmp_path, capsys):
 
 
 def test_vae_configs_match_the_models_they_train():
-    for vae_cfg, ldm_cfg in (("vae_tiny", "sd_tiny"), ("vae_small", "sd_small"), ("vae_sr_tiny", "sr_tiny")):
+    for vae_cfg, ldm_cfg in (("vae_tiny", "sd_tiny"), ("vae_small", "sd_small"), ("vae_sr_tiny", "sr_tiny"),
+                             ("vae_sr_tiny_128", "sr_tiny_128")):
         a = load_config(CONFIGS / f"{vae_cfg}.yaml").model.vae
         b = load_config(CONFIGS / f"{ldm_cfg}.yaml").model.vae
         assert a == b, vae_cfg
