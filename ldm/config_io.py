@@ -200,3 +200,10 @@ def missing_start(path: str, config: str = "") -> str:
     fix = (f"train that first ({' or '.join(f'`{m}`' for m in makers[:2])} writes it), or point {key} at "
            "another file") if makers else f"check the path, or point {key} at an existing model file or folder"
     return f"{key}: {path} not found: {fix}"
+
+
+def require_start(path: str, config: str = "") -> None:
+    """Refuse a run's starting model `path` (`train.init_from`, of `config`; empty: none) that does
+    not exist, before any work, with `missing_start`'s error."""
+    if path and not Path(path).exists():
+        raise ValueError(missing_start(path, config))

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from ..config import Config, load_config
-from ..config_io import load_yaml, merge, missing_start, to_dict
+from ..config_io import load_yaml, merge, require_start, to_dict
 from ..data.batches import check_data
 from .checkpoint import list_states
 
@@ -77,8 +77,7 @@ def train_stages(cfg: Config, overrides: Sequence[str] = (), *, resume: bool = F
     from .vae_trainer import VAETrainer
 
     check_data(cfg.data)  # bad data fails now, not after stage 1
-    if cfg.train.init_from and not Path(cfg.train.init_from).exists():  # ... and so does a missing base model
-        raise ValueError(missing_start(cfg.train.init_from))
+    require_start(cfg.train.init_from)  # ... and so does a missing base model
     options = {"overwrite": overwrite, "resume_with_changes": resume_with_changes}
     if cfg.train.lora.rank:  # adapters on a whole base model, whose VAE it brings: no stage 1
         return _finished(LoRATrainer(cfg, resume=resume, **options))
@@ -94,8 +93,7 @@ def train_stages(cfg: Config, overrides: Sequence[str] = (), *, resume: bool = F
         vae_cfg = stage1_config(cfg, overrides)
         stage1_target(cfg, vae_cfg)
         check_data(vae_cfg.data, images=True)
-        if vae_cfg.train.init_from and not Path(vae_cfg.train.init_from).exists():
-            raise ValueError(missing_start(vae_cfg.train.init_from, cfg.train.vae_config))
+        require_start(vae_cfg.train.init_from, cfg.train.vae_config)  # named by its config, before VAETrainer checks it
         if resume and not list_states(vae_cfg.train.output_dir):
             raise ValueError(f"--resume: nothing to continue: the VAE file {vae_path} does not exist and stage 1 has "
                              f"no training state in {vae_cfg.train.output_dir}; check train.vae_checkpoint, or drop "

@@ -22,7 +22,7 @@ from torch import nn
 from ..atomic import write_text_atomic
 from ..checkpoint import load_state_strict, save_model_file
 from ..config import Config, DataConfig
-from ..config_io import missing_start
+from ..config_io import require_start
 from ..convert.vae_file import vae_from_file
 from ..data.batches import heldout_items
 from ..images import make_grid, to_pil
@@ -125,8 +125,7 @@ class VAETrainer(Trainer):
         t, lc = cfg.train, cfg.vae_loss
         start = None
         if t.init_from:  # fine-tuning a VAE (as vae-ft-mse was): any VAE file or folder, or a model's VAE
-            if not Path(t.init_from).exists():
-                raise ValueError(missing_start(t.init_from))
+            require_start(t.init_from)
             start = vae_from_file(t.init_from, cfg.model.vae)
             cfg.model.vae = dataclasses.replace(start.cfg, dropout=cfg.model.vae.dropout)
             cfg.validate()
